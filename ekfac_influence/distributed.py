@@ -1,0 +1,113 @@
+"""Process state reduced to plain values. The ONLY module that imports torch.distributed/accelerate.
+
+Every process passes the same full iterable of batches; `shard` hands each process every
+world-th batch, with the global index of the batch's first sequence (which keys sampled labels).
+Statistics stay local sums until one `sum_reduce_` per pass; scores come back by `gather_by_key`.
+Single-process runs take the same code path with world = 1.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group when started by `accelerate launch` or `torchrun`."""
+    if _launched() and not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def world() -> int:
+    init()
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    init()
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs)
+
+
+def shard(batches: Iterable, size_of: Callable[[Any], int]) -> Iterator[tuple[int, int, Any]]:
+    """Yield (batch index, first sequence index, batch) for this process's share of the batches."""
+    this_rank, size = rank(), world()
+    first = 0
+    for index, batch in enumerate(batches):
+        if index % size == this_rank:
+            yield index, first, batch
+        first += size_of(batch)
+
+
+def sum_reduce_(tensors: list[torch.Tensor]) -> None:
+    """In-place sum over processes (one flattened all-reduce per dtype and device)."""
+    if world() == 1 or not tensors:
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        if flat.device.type == "cpu" and dist.get_backend() == "nccl":  # pragma: no cover - GPU clusters
+            flat = flat.cuda()
+        dist.all_reduce(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.device))
+            offset += t.numel()
+
+
+def sum_scalar(value: float) -> float:
+    if world() == 1:
+        return value
+    out = [None] * world()
+    dist.all_gather_object(out, value)
+    return float(sum(out))
+
+
+def gather_by_key(local: dict) -> dict:
+    """Merge {key: value} dicts from every process; the result is complete on every process."""
+    if world() == 1:
+        return local
+    parts = [None] * world()
+    dist.all_gather_object(parts, {key: _to_cpu(value) for key, value in local.items()})
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def broadcast_object(value: Any) -> Any:
+    if world() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,162 @@
+"""What a model family must tell the engine: its training loss, its measurement, its token mask.
+
+Conventions (DESIGN §1):
+- train_loss L(z) = −Σ_t log p(z_t | z_<t), SUMMED over sequences and real tokens (not a mean).
+- measurement f = Σ_{t ∈ completion} log p(c_t | p, c_<t), summed over the queries of a batch.
+- Sampled labels (true Fisher = Gauss-Newton for softmax cross-entropy) come from uniforms keyed
+  to (seed, sequence index, rank of the token among the sequence's real tokens), so the draws do
+  not depend on batch size, padding or the number of processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+@runtime_checkable
+class Objective(Protocol):
+    def train_loss(self, model: nn.Module, batch: Any, *, sample_labels: bool, generator: "LabelSampler | None" = None) -> Tensor:
+        """Loss summed over the sequences and tokens of the batch."""
+
+    def measurement(self, model: nn.Module, batch: Any) -> Tensor:
+        """f summed over the queries of the batch."""
+
+    def token_mask(self, batch: Any) -> Tensor | None:
+        """[B, T], 1 = real token; None = every position is real."""
+
+
+class LabelSampler:
+    """Uniform draws for label sampling, keyed to (seed, sequence index, token rank).
+
+    Sequence `first_index + b` of a batch always gets the same uniforms, whatever the batch it sits
+    in, and its k-th real token always gets the k-th draw, wherever padding puts it.
+    """
+
+    def __init__(self, seed: int, first_index: int):
+        self.seed = seed
+        self.first_index = first_index
+
+    def uniforms(self, valid_BT: Tensor) -> Tensor:
+        valid_BT = valid_BT.bool().cpu()
+        u_BT = torch.zeros(valid_BT.shape, dtype=torch.float64)
+        for b in range(valid_BT.shape[0]):
+            generator = torch.Generator().manual_seed(_mix(self.seed, self.first_index + b))
+            count = int(valid_BT[b].sum())
+            u_BT[b, valid_BT[b]] = torch.rand(count, generator=generator, dtype=torch.float64)
+        return u_BT
+
+    def sample(self, logits_BTV: Tensor, valid_BT: Tensor) -> Tensor:
+        """Labels y_BT ~ softmax(logits) by inverse CDF; IGNORE_INDEX where not valid."""
+        u_BT = self.uniforms(valid_BT).to(logits_BTV.device)
+        logits_BTV = logits_BTV.detach()
+        logits_BTV = logits_BTV if logits_BTV.dtype == torch.float64 else logits_BTV.float()
+        cdf_BTV = torch.softmax(logits_BTV, dim=-1).cumsum(-1)
+        u_BT = u_BT.to(cdf_BTV.dtype)
+        labels_BT = torch.searchsorted(cdf_BTV, u_BT[..., None]).squeeze(-1)
+        labels_BT = labels_BT.clamp_max(logits_BTV.shape[-1] - 1)
+        return torch.where(valid_BT.bool(), labels_BT, torch.full_like(labels_BT, IGNORE_INDEX))
+
+
+def _mix(seed: int, index: int) -> int:
+    # splitmix64-style mixing so neighbouring (seed, index) pairs give unrelated streams
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _summed_cross_entropy(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
+    return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), labels_BT.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class CausalLMObjective:
+    """Hugging Face causal LMs. Batches: {"input_ids", "attention_mask", "labels"} ([B, T] each).
+
+    `labels` follow Hugging Face: the label of position t is the token at t (the model shifts), and
+    −100 marks positions that are not predicted (padding; prompt tokens of a query). Without
+    `labels`, every real token after the first is predicted.
+    """
+
+    def logits(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        """(logits_BTV of positions that predict a token, their labels_BT), shifted by one."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"].masked_fill(self.token_mask(batch) == 0, IGNORE_INDEX)
+        return logits[:, :-1], labels[:, 1:]
+
+    def train_loss(self, model, batch, *, sample_labels: bool, generator: LabelSampler | None = None) -> Tensor:
+        logits_BTV, labels_BT = self.logits(model, batch)
+        if sample_labels:
+            labels_BT = _sampler(generator).sample(logits_BTV, labels_BT != IGNORE_INDEX)
+        return _summed_cross_entropy(logits_BTV, labels_BT)
+
+    def measurement(self, model, batch) -> Tensor:
+        logits_BTV, labels_BT = self.logits(model, batch)
+        return -_summed_cross_entropy(logits_BTV, labels_BT)
+
+    def token_mask(self, batch) -> Tensor | None:
+        mask = batch.get("attention_mask")
+        return None if mask is None else mask
+
+    def output_logits(self, model, batch) -> tuple[Tensor, Tensor]:
+        """For the exact Gauss-Newton: logits_BTV and the mask of positions in the loss."""
+        logits_BTV, labels_BT = self.logits(model, batch)
+        return logits_BTV, labels_BT != IGNORE_INDEX
+
+
+class ClassificationObjective:
+    """Small classifiers. Batches: (x, y) with model(x) = logits [B, C]; f = log p(y | x)."""
+
+    def train_loss(self, model, batch, *, sample_labels: bool, generator: LabelSampler | None = None) -> Tensor:
+        x, y = batch
+        logits_BC = model(x)
+        if sample_labels:
+            valid = torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
+            y = _sampler(generator).sample(logits_BC[:, None, :], valid)[:, 0]
+        return F.cross_entropy(logits_BC.float(), y, reduction="sum")
+
+    def measurement(self, model, batch) -> Tensor:
+        x, y = batch
+        return -F.cross_entropy(model(x).float(), y, reduction="sum")
+
+    def token_mask(self, batch) -> Tensor | None:
+        return None
+
+    def output_logits(self, model, batch) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        logits_BC = model(x)
+        return logits_BC[:, None, :], torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
+
+
+def _sampler(generator: LabelSampler | None) -> LabelSampler:
+    return generator if generator is not None else LabelSampler(seed=0, first_index=0)
+
+
+def batch_size(batch: Any) -> int:
+    """Number of sequences in a batch: the leading size of its first tensor."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return batch_size(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return batch_size(batch[0])
+    raise TypeError(f"cannot find the batch size of a {type(batch).__name__}; use tensors, dicts or tuples of tensors")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch

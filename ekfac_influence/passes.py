@@ -1,0 +1,107 @@
+"""One pass over batches with the hooks on: yields each batch's ā and g per tracked layer.
+
+Shapes: B sequences, T positions, I in-features (+1 bias), O out-features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .hooks import Capture, mask_gradient
+from .model import TrackedLayer
+from .objectives import LabelSampler, Objective, batch_size, to_device
+
+
+@dataclass
+class BatchCapture:
+    index: int  # position of the batch in the iterable
+    first: int  # global index of the batch's first sequence
+    num_sequences: int
+    num_tokens: int
+    acts: dict[str, Tensor]  # layer -> ā_BTI (masked)
+    grads: dict[str, Tensor]  # layer -> g_BTO (masked), gradient of the summed loss
+
+
+def device_of(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """model.eval() (no dropout: the loss must be a fixed function), gradients enabled."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def require_reiterable(batches: Iterable, what: str) -> None:
+    if iter(batches) is batches:
+        raise TypeError(f"{what} must be re-iterable (a list or a DataLoader), not a one-shot iterator or generator")
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True):
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled or not distributed.is_main(), leave=False)
+
+
+def capture_pass(
+    model: nn.Module,
+    layers: list[TrackedLayer],
+    batches: Iterable,
+    objective: Objective,
+    *,
+    loss: str,
+    seed: int = 0,
+    desc: str = "",
+    show_progress: bool = True,
+    shard: bool = True,
+) -> Iterator[BatchCapture]:
+    """Forward + backward of each batch (this process's share), gradients of tracked outputs only.
+
+    loss: "sampled" (labels drawn from the model), "real" (training loss L), or "measurement" (f).
+    """
+    device = device_of(model)
+    items = progress(batches, desc, show_progress)
+    stream = distributed.shard(items, batch_size) if shard else _unsharded(items)
+    for index, first, batch in stream:
+        batch = to_device(batch, device)
+        with Capture(layers) as capture:
+            if loss == "measurement":
+                value = objective.measurement(model, batch)
+            else:
+                value = objective.train_loss(model, batch, sample_labels=loss == "sampled",
+                                             generator=LabelSampler(seed, first))
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"the {loss} loss of batch {index} is {value.item()}; check the inputs and the model")
+        grads = capture.output_gradients(value)
+        mask_BT = objective.token_mask(batch)
+        acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
+        B, T = next(iter(acts.values())).shape[:2]
+        yield BatchCapture(
+            index=index,
+            first=first,
+            num_sequences=B,
+            num_tokens=int(mask_BT.sum()) if mask_BT is not None else B * T,
+            acts=acts,
+            grads={name: mask_gradient(g_BTO, mask_BT) for name, g_BTO in grads.items()},
+        )
+
+
+def _unsharded(items: Iterable):
+    first = 0
+    for index, batch in enumerate(items):
+        yield index, first, batch
+        first += batch_size(batch)

@@ -1,0 +1,286 @@
+"""The stages: `fit_factors` and `compute_scores`. Each calls named steps; the math lives elsewhere.
+
+Shapes: Q queries, N training sequences, B batch, T positions, I in-features (+1 bias), O out-features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .config import FactorConfig, ScoreConfig
+from .factors import (Factors, LayerFactors, covariance, damping_for, eigendecompose, rotated_sequence_gradients,
+                      sequence_gradients)
+from .model import TrackedLayer, fingerprint, select_layers
+from .objectives import Objective, batch_size
+from .passes import capture_pass, evaluation_mode, require_reiterable
+from .precondition import compress, precondition
+from .scores import ScoreResult, layer_scores
+
+_SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
+
+
+class FactorMismatchError(ValueError):
+    """Factors were fitted for another model or another set of layers."""
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
+                config: FactorConfig = FactorConfig(), *, show_progress: bool = True) -> Factors:
+    """Fit the curvature of `config.strategy` on the training batches (DESIGN §1)."""
+    layers = select_layers(model, config.layers)
+    require_reiterable(train_batches, "train_batches")
+    with evaluation_mode(model):
+        if config.strategy == "identity":
+            num_sequences, num_tokens = count_sequences(train_batches), 0
+            fitted = [LayerFactors(l.name, l.out_features, l.in_dim) for l in layers]
+            extra = {}
+        elif config.strategy == "exact":
+            fitted, num_sequences, num_tokens, extra = _fit_exact(model, layers, train_batches, objective, config, show_progress)
+        elif config.strategy in ("diagonal", "lissa"):
+            fitted, num_sequences, num_tokens = collect_diagonal(model, layers, train_batches, objective, config, show_progress)
+            extra = {}
+            if config.strategy == "lissa":
+                from .evaluate import estimate_lissa_scale
+
+                damping = {f.name: f.damping for f in fitted}
+                extra["lissa_scale"] = config.lissa_scale or estimate_lissa_scale(
+                    model, layers, train_batches, objective, damping, seed=config.seed)
+        else:
+            fitted, num_sequences, num_tokens = collect_covariances(model, layers, train_batches, objective, config, show_progress)
+            for layer in fitted:
+                layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II)
+                layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
+            if config.strategy == "kfac":
+                tokens_per_sequence = num_tokens / num_sequences
+                for layer in fitted:
+                    layer.lambda_OI = tokens_per_sequence * torch.outer(layer.eigS_O, layer.eigA_I)
+            else:
+                correct_eigenvalues(model, layers, fitted, train_batches, objective, config, show_progress)
+            extra = {}
+    for layer in fitted:
+        if layer.lambda_OI is not None:
+            layer.damping = damping_for(layer.lambda_OI, config)
+    dtype = getattr(torch, config.factor_dtype)
+    return Factors(
+        strategy=config.strategy,
+        layers=[layer.to(dtype, "cpu") for layer in fitted],
+        fingerprint=fingerprint(model, layers),
+        config=config,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+        ggn_PP=extra.get("ggn_PP"),
+        lissa_scale=extra.get("lissa_scale"),
+    )
+
+
+def count_sequences(batches: Iterable) -> int:
+    return sum(batch_size(batch) for batch in batches)
+
+
+def collect_covariances(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig,
+                        show_progress: bool = True) -> tuple[list[LayerFactors], int, int]:
+    """A = E_tokens[ā āᵀ], S = E_tokens[g gᵀ] with g from the sampled-label loss; one reduce per pass."""
+    sums_A = {l.name: None for l in layers}
+    sums_S = {l.name: None for l in layers}
+    num_sequences = num_tokens = 0
+    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
+                             desc="covariances", show_progress=show_progress):
+        num_sequences += item.num_sequences
+        num_tokens += item.num_tokens
+        for layer in layers:
+            A_II = covariance(item.acts[layer.name].flatten(0, 1))
+            S_OO = covariance(item.grads[layer.name].flatten(0, 1))
+            sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
+            sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
+    tensors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim)) for l in layers]
+               + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features)) for l in layers])
+    num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
+    return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens, S_OO=sums_S[l.name] / num_tokens)
+            for l in layers], num_sequences, num_tokens
+
+
+def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFactors], batches, objective,
+                        config: FactorConfig, show_progress: bool = True) -> None:
+    """EK-FAC: Λ = E_sequences[(Q_Sᵀ DW_n Q_A)²], with the same sampled labels as the covariance pass."""
+    by_name = {f.name: f for f in fitted}
+    sums = {l.name: None for l in layers}
+    num_sequences = 0
+    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
+                             desc="eigenvalue correction", show_progress=show_progress):
+        num_sequences += item.num_sequences
+        for layer in layers:
+            f, g_BTO = by_name[layer.name], _work(item.grads[layer.name])
+            QS_OO, QA_II = f.QS_OO.to(g_BTO.device, g_BTO.dtype), f.QA_II.to(g_BTO.device, g_BTO.dtype)
+            part_OI = _sum_over_sequences(
+                lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
+                g_BTO, _work(item.acts[layer.name]), layer)
+            sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
+    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim)) for l in layers]
+    num_sequences, _ = _reduce_counts(tensors, num_sequences, 0)
+    for layer in layers:
+        by_name[layer.name].lambda_OI = sums[layer.name] / num_sequences
+
+
+def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig,
+                     show_progress: bool = True) -> tuple[list[LayerFactors], int, int]:
+    """Λ = E_sequences[DW_n²]: the diagonal of G (the damping reference of every strategy)."""
+    sums = {l.name: None for l in layers}
+    num_sequences = num_tokens = 0
+    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
+                             desc="diagonal", show_progress=show_progress):
+        num_sequences += item.num_sequences
+        num_tokens += item.num_tokens
+        for layer in layers:
+            part_OI = _sum_over_sequences(lambda g, a: sequence_gradients(g, a).square(),
+                                          _work(item.grads[layer.name]), _work(item.acts[layer.name]), layer)
+            sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
+    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim)) for l in layers]
+    num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
+    return [LayerFactors(l.name, l.out_features, l.in_dim, lambda_OI=sums[l.name] / num_sequences) for l in layers], \
+        num_sequences, num_tokens
+
+
+def _fit_exact(model, layers, batches, objective, config: FactorConfig, show_progress: bool):
+    from .evaluate import exact_ggn
+
+    total = sum(l.num_params for l in layers)
+    if total > config.max_exact_params:
+        raise ValueError(f"strategy 'exact' builds a {total} × {total} Gauss-Newton; that exceeds max_exact_params="
+                         f"{config.max_exact_params}. Track fewer layers or raise the limit.")
+    ggn_PP, num_sequences, num_tokens = exact_ggn(model, layers, batches, objective, show_progress=show_progress)
+    fitted, offset = [], 0
+    for l in layers:
+        block_diagonal = torch.diagonal(ggn_PP)[offset : offset + l.num_params].reshape(l.out_features, l.in_dim)
+        fitted.append(LayerFactors(l.name, l.out_features, l.in_dim, lambda_OI=block_diagonal))
+        offset += l.num_params
+    return fitted, num_sequences, num_tokens, {"ggn_PP": ggn_PP}
+
+
+def _sum_over_sequences(per_sequence, g_BTO: Tensor, a_BTI: Tensor, layer: TrackedLayer) -> Tensor:
+    """Σ_n per_sequence(g_n, a_n) in float64, forming at most ~2^27 O × I entries at once."""
+    step = max(1, _SEQUENCE_CHUNK_ELEMENTS // layer.num_params)
+    total = None
+    for start in range(0, g_BTO.shape[0], step):
+        part = per_sequence(g_BTO[start : start + step], a_BTI[start : start + step]).sum(0).double()
+        total = part if total is None else total + part
+    return total
+
+
+def _fisher_loss(config: FactorConfig) -> str:
+    return "sampled" if config.sample_labels else "real"
+
+
+def _work(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _zeros_if_none(sums: dict, name: str, shape) -> Tensor:
+    if sums[name] is None:  # this process got no batch (fewer batches than processes)
+        sums[name] = torch.zeros(shape, dtype=torch.float64)
+    return sums[name]
+
+
+def _reduce_counts(tensors: list[Tensor], num_sequences: int, num_tokens: int) -> tuple[int, int]:
+    """Sum the pass's local statistics over processes (one reduce per pass)."""
+    counts = torch.tensor([num_sequences, num_tokens], dtype=torch.float64, device=tensors[0].device)
+    distributed.sum_reduce_(tensors + [counts])
+    num_sequences, num_tokens = int(counts[0]), int(counts[1])
+    if num_sequences == 0:
+        raise ValueError("train_batches is empty: no sequence to fit the curvature on")
+    return num_sequences, num_tokens
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def check_factors_match(factors: Factors, model: nn.Module) -> list[TrackedLayer]:
+    """The model's tracked layers for these factors; refuses factors of another model or layers."""
+    by_name = {layer.name: layer for layer in select_layers(model, (".*",))}
+    missing = [name for name in factors.layer_names if name not in by_name]
+    if missing:
+        raise FactorMismatchError(f"factors were fitted for layers this model does not have: {', '.join(missing)}")
+    layers = [by_name[name] for name in factors.layer_names]
+    for layer, fitted in zip(layers, factors.layers):
+        if (layer.out_features, layer.in_dim) != (fitted.out_dim, fitted.in_dim):
+            raise FactorMismatchError(f"layer {layer.name} is {layer.out_features} × {layer.in_dim} here but "
+                                      f"{fitted.out_dim} × {fitted.in_dim} in the factors")
+    found = fingerprint(model, layers)
+    if found != factors.fingerprint:
+        raise FactorMismatchError(f"factors were fitted for another model (fingerprint {factors.fingerprint}, this "
+                                  f"model's is {found}); fit factors for this model")
+    return layers
+
+
+def query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective,
+                    *, show_progress: bool = True) -> dict[str, Tensor]:
+    """∇f_q per query and layer, {layer: V_QOI}; every process computes all queries."""
+    parts: dict[str, list[Tensor]] = {l.name: [] for l in layers}
+    for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
+                             show_progress=show_progress, shard=False):
+        for layer in layers:
+            parts[layer.name].append(sequence_gradients(_work(item.grads[layer.name]), _work(item.acts[layer.name])))
+    if not parts[layers[0].name]:
+        raise ValueError("query_batches is empty: no query to score")
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, train_batches: Iterable,
+                   objective: Objective, config: ScoreConfig = ScoreConfig(), *, show_progress: bool = True) -> ScoreResult:
+    """score(q, n) = ∇f_qᵀ (G + λI)⁻¹ ∇log p(z_n) for every query and training sequence (positive = helpful)."""
+    layers = check_factors_match(factors, model)
+    dtype = getattr(torch, config.compute_dtype)
+    with evaluation_mode(model):
+        grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
+        if factors.strategy == "lissa":
+            from .evaluate import lissa_inverse_product
+
+            preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
+                                                   show_progress=show_progress)
+            preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
+        else:
+            preconditioned = precondition(grads, factors, dtype)
+        if config.rank is not None:
+            preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
+        result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
+                                    show_progress=show_progress)
+    result.num_train_sequences = factors.num_sequences
+    return result
+
+
+def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,
+                       objective: Objective, config: ScoreConfig, *, show_progress: bool = True) -> ScoreResult:
+    """One pass over the training batches; every stored query is scored from the same backward."""
+    dtype = getattr(torch, config.compute_dtype)
+    local = {}
+    for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="scores",
+                             show_progress=show_progress):
+        per_layer, tokens = {}, None
+        for layer in layers:
+            # ∇log p(z) = −∇L(z): the training-side output gradient is d = −g
+            d_BTO, a_BTI = -item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
+            score_QB, tokens_QBT = layer_scores(preconditioned[layer.name], d_BTO, a_BTI, per_token=config.per_token)
+            per_layer[layer.name] = score_QB.cpu()
+            if tokens_QBT is not None:
+                tokens = tokens_QBT if tokens is None else tokens + tokens_QBT
+        local[item.index] = (per_layer, None if tokens is None else tokens.cpu())
+    merged = distributed.gather_by_key(local)
+    return _assemble(merged, [l.name for l in layers], config)
+
+
+def _assemble(merged: dict, names: list[str], config: ScoreConfig) -> ScoreResult:
+    order = sorted(merged)
+    if not order:
+        raise ValueError("train_batches is empty: no training sequence to score")
+    per_layer = {name: torch.cat([merged[i][0][name] for i in order], dim=1) for name in names}
+    scores = sum(per_layer.values())
+    per_token = None
+    if config.per_token:
+        width = max(merged[i][1].shape[2] for i in order)
+        per_token = torch.cat([torch.nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[2])) for i in order], dim=1)
+    return ScoreResult(scores=scores, per_layer=per_layer if config.per_layer else None, per_token=per_token)

@@ -1,0 +1,92 @@
+"""Inverse-curvature products P(V) = (G + λI)⁻¹ V and rank-k compression of the result.
+
+Shapes: Q queries, O out-features, I in-features (+1 bias), K rank, P tracked parameters.
+
+    ekfac/kfac: P(V) = Q_S [ (Q_Sᵀ V Q_A) ⊘ (Λ + λ) ] Q_Aᵀ
+    diagonal:   P(V) = V ⊘ (Λ + λ)
+    identity:   P(V) = V
+    exact:      vec P(V) = (G + diag(λ))⁻¹ vec V, G dense over all tracked layers (layers coupled)
+LiSSA needs passes over data and lives in `evaluate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .factors import Factors, LayerFactors
+
+
+def eigenbasis_inverse_product(V_QOI: Tensor, QS_OO: Tensor, QA_II: Tensor, lambda_OI: Tensor, damping: float) -> Tensor:
+    """Q_S [ (Q_Sᵀ V Q_A) ⊘ (Λ + λ) ] Q_Aᵀ for each query."""
+    rotated_QOI = QS_OO.T @ V_QOI @ QA_II
+    return QS_OO @ (rotated_QOI / (lambda_OI + damping)) @ QA_II.T
+
+
+def layer_inverse_product(V_QOI: Tensor, factors: LayerFactors, strategy: str) -> Tensor:
+    if strategy == "identity":
+        return V_QOI
+    if strategy == "diagonal":
+        return V_QOI / (factors.lambda_OI + factors.damping)
+    if strategy in ("kfac", "ekfac"):
+        return eigenbasis_inverse_product(V_QOI, factors.QS_OO, factors.QA_II, factors.lambda_OI, factors.damping)
+    raise ValueError(f"strategy {strategy!r} has no per-layer inverse")
+
+
+def exact_inverse_product(grads: dict[str, Tensor], factors: Factors) -> dict[str, Tensor]:
+    """Solve (G + diag(λ)) X = V with the dense Gauss-Newton, in float64."""
+    names = factors.layer_names
+    V_QP = torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in names], dim=1)
+    damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+    ggn_PP = factors.ggn_PP.to(device=V_QP.device, dtype=torch.float64)
+    damped_PP = ggn_PP + torch.diag(damping_P.to(V_QP.device))
+    X_QP = torch.linalg.solve(damped_PP, V_QP.double().T).T.to(V_QP.dtype)
+    out, offset = {}, 0
+    for layer in factors.layers:
+        size = layer.out_dim * layer.in_dim
+        out[layer.name] = X_QP[:, offset : offset + size].reshape(-1, layer.out_dim, layer.in_dim)
+        offset += size
+    return out
+
+
+def precondition(grads: dict[str, Tensor], factors: Factors, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """P(∇f) for every layer. grads: {layer: V_QOI}."""
+    if factors.strategy == "exact":
+        return {name: value.to(dtype) for name, value in exact_inverse_product(grads, factors).items()}
+    out = {}
+    for layer in factors.layers:
+        V_QOI = grads[layer.name].to(dtype)
+        moved = layer.to(dtype, V_QOI.device)
+        out[layer.name] = layer_inverse_product(V_QOI, moved, factors.strategy)
+    return out
+
+
+@dataclass
+class LowRank:
+    """P ≈ left_QOK @ right_QIKᵀ (singular values folded into `left`)."""
+
+    left_QOK: Tensor
+    right_QIK: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.left_QOK.shape[0], self.left_QOK.shape[1], self.right_QIK.shape[1]
+
+    def dense(self) -> Tensor:
+        return self.left_QOK @ self.right_QIK.transpose(1, 2)
+
+
+def compress(P_QOI: Tensor, rank: int) -> LowRank | Tensor:
+    """Rank-k truncated SVD U_k diag(σ_k) V_kᵀ of each query's O × I matrix.
+
+    Returns the input unchanged when k ≥ min(O, I): there is nothing to gain.
+    """
+    if rank >= min(P_QOI.shape[1:]):
+        return P_QOI
+    U_QOR, sigma_QR, Vh_QRI = torch.linalg.svd(P_QOI.float() if P_QOI.dtype == torch.float16 else P_QOI,
+                                               full_matrices=False)
+    left_QOK = U_QOR[:, :, :rank] * sigma_QR[:, None, :rank]
+    right_QIK = Vh_QRI[:, :rank, :].transpose(1, 2)
+    return LowRank(left_QOK.to(P_QOI.dtype), right_QIK.to(P_QOI.dtype))

@@ -1,0 +1,130 @@
+"""Run directories: safetensors + JSON manifests, atomic writes, checksums. No pickle anywhere.
+
+A stage directory is written under a temporary name and renamed into place, so a reader sees either
+nothing or the whole stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import FactorConfig, from_dict, to_dict
+from .factors import Factors, LayerFactors
+
+FACTORS_FILE = "factors.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class StorageError(RuntimeError):
+    """A stored result is missing, corrupted, or would be overwritten."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overwrite: bool) -> None:
+    """Write `tensors` (safetensors) and `manifest` (JSON, with the tensors' checksum) atomically."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise StorageError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
+        manifest = dict(manifest, checksums={FACTORS_FILE: sha256_file(tmp / FACTORS_FILE)})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    manifest_path, tensor_path = path / MANIFEST_FILE, path / FACTORS_FILE
+    for required in (manifest_path, tensor_path):
+        if not required.exists():
+            raise StorageError(f"{required} is missing; is {path} a finished factors directory?")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise StorageError(f"{manifest_path} is not valid JSON ({error}); the file is corrupted") from None
+    expected = manifest.get("checksums", {}).get(FACTORS_FILE)
+    if expected is not None and sha256_file(tensor_path) != expected:
+        raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted")
+    return load_file(str(tensor_path)), manifest
+
+
+def save_factors(factors: Factors, path, *, overwrite: bool = False) -> None:
+    tensors = {}
+    for layer in factors.layers:
+        for key, value in layer.tensors().items():
+            tensors[f"{layer.name}/{key}"] = value
+    if factors.ggn_PP is not None:
+        tensors["ggn_PP"] = factors.ggn_PP
+    manifest = {
+        "kind": "ekfac_influence.factors",
+        "version": __version__,
+        "torch": torch.__version__,
+        "strategy": factors.strategy,
+        "fingerprint": factors.fingerprint,
+        "num_sequences": factors.num_sequences,
+        "num_tokens": factors.num_tokens,
+        "lissa_scale": factors.lissa_scale,
+        "config": to_dict(factors.config),
+        "layers": [{"name": l.name, "out_dim": l.out_dim, "in_dim": l.in_dim, "damping": l.damping} for l in factors.layers],
+        "meta": factors.meta,
+    }
+    write_stage(path, tensors, manifest, overwrite=overwrite)
+
+
+def load_factors(path) -> Factors:
+    tensors, manifest = read_stage(path)
+    if manifest.get("kind") != "ekfac_influence.factors":
+        raise StorageError(f"{path} does not hold ekfac_influence factors")
+    layers = []
+    for entry in manifest["layers"]:
+        fields = {key: tensors[f"{entry['name']}/{key}"] for key in LayerFactors.TENSORS if f"{entry['name']}/{key}" in tensors}
+        layers.append(LayerFactors(entry["name"], entry["out_dim"], entry["in_dim"], entry["damping"], **fields))
+    return Factors(
+        strategy=manifest["strategy"],
+        layers=layers,
+        fingerprint=manifest["fingerprint"],
+        config=from_dict(FactorConfig, manifest["config"]),
+        num_sequences=manifest["num_sequences"],
+        num_tokens=manifest["num_tokens"],
+        ggn_PP=tensors.get("ggn_PP"),
+        lissa_scale=manifest.get("lissa_scale"),
+        meta=manifest.get("meta", {}),
+    )
