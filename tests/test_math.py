@@ -1,0 +1,188 @@
+"""The curvature and score math against references written out in each test's docstring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import char_sequences, lm_batches, query_batches
+from torch.testing import assert_close
+
+import ekfac_influence as ei
+from ekfac_influence.evaluate import exact_ggn
+from ekfac_influence.factors import rotated_sequence_gradients, sequence_gradients
+from ekfac_influence.hooks import Capture
+from ekfac_influence.objectives import batch_size
+from ekfac_influence.passes import capture_pass
+from ekfac_influence.precondition import eigenbasis_inverse_product
+
+QUERIES = [("the assert statement", " raises assertionerror"), ("def f(x):", " return x"),
+           ("a for loop", " iterates over")]
+
+
+def flat_tracked_gradient(layers: list[ei.TrackedLayer]) -> torch.Tensor:
+    return torch.cat([layer.gradient_OI().reshape(-1) for layer in layers])
+
+
+def autograd_gradients(model, layers, batches, loss_of_one) -> torch.Tensor:
+    """[N, P]: one backward per sequence, read from .grad of the tracked parameters."""
+    rows = []
+    for batch in batches:
+        for b in range(batch_size(batch)):
+            one = {k: v[b : b + 1] for k, v in batch.items()} if isinstance(batch, dict) else tuple(v[b : b + 1] for v in batch)
+            model.zero_grad()
+            loss_of_one(model, one).backward()
+            rows.append(flat_tracked_gradient(layers))
+    return torch.stack(rows)
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+
+
+def test_ekfac_inverse_equals_the_explicit_kronecker_eigenbasis_inverse():
+    """P(V) = Q_S[(Q_Sᵀ V Q_A) ⊘ (Λ+λ)]Q_Aᵀ equals (Q_S ⊗ Q_A) diag(1/(Λ+λ)) (Q_S ⊗ Q_A)ᵀ vec V (row-major vec)."""
+    generator = torch.Generator().manual_seed(0)
+    O, I, Q = 5, 7, 3
+    QS, QA = random_orthogonal(O, generator), random_orthogonal(I, generator)
+    lambda_OI = torch.rand(O, I, generator=generator, dtype=torch.float64)
+    damping = 0.05
+    V_QOI = torch.randn(Q, O, I, generator=generator, dtype=torch.float64)
+    K = torch.kron(QS, QA)
+    dense = K @ torch.diag(1 / (lambda_OI.reshape(-1) + damping)) @ K.T
+    expected = (dense @ V_QOI.reshape(Q, -1).T).T.reshape(Q, O, I)
+    assert_close(eigenbasis_inverse_product(V_QOI, QS, QA, lambda_OI, damping), expected)
+
+
+def test_damped_inverse_with_tiny_damping_inverts_the_kronecker_product():
+    """With Λ = Λ_S ⊗ Λ_A and λ → 0, P(S V A) = V: the inverse of S ⊗ A."""
+    generator = torch.Generator().manual_seed(1)
+    O, I = 4, 6
+    QS, QA = random_orthogonal(O, generator), random_orthogonal(I, generator)
+    eigS, eigA = 1 + torch.rand(O, generator=generator, dtype=torch.float64), 1 + torch.rand(I, generator=generator, dtype=torch.float64)
+    S, A = QS @ torch.diag(eigS) @ QS.T, QA @ torch.diag(eigA) @ QA.T
+    V = torch.randn(1, O, I, generator=generator, dtype=torch.float64)
+    assert_close(eigenbasis_inverse_product(S @ V @ A, QS, QA, torch.outer(eigS, eigA), 0.0), V)
+
+
+@pytest.mark.parametrize("order", ["tokens", "sequences"])
+def test_both_contraction_orders_rotate_the_summed_gradient(order):
+    """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A, whichever side is rotated first."""
+    generator = torch.Generator().manual_seed(2)
+    g, a = torch.randn(3, 5, 4, generator=generator, dtype=torch.float64), torch.randn(3, 5, 6, generator=generator, dtype=torch.float64)
+    QS, QA = random_orthogonal(4, generator), random_orthogonal(6, generator)
+    assert_close(rotated_sequence_gradients(g, a, QS, QA, order), QS.T @ sequence_gradients(g, a) @ QA)
+
+
+def test_covariances_are_averages_over_real_tokens_and_ekfac_eigenvalues_over_sequences(trained_llama):
+    """A = mean_t ā ā ᵀ, S = mean_t g gᵀ over non-pad tokens; Λ = mean_n (Q_Sᵀ DW_n Q_A)² (empirical Fisher)."""
+    model = trained_llama
+    tokens = char_sequences(12, 20)
+    batches = lm_batches(tokens, 4, pad_to=24)
+    objective = ei.CausalLMObjective()
+    config = ei.FactorConfig(strategy="ekfac", sample_labels=False, factor_dtype="float64", layers=(r"layers\.1\.mlp\.down_proj",))
+    factors = ei.fit_factors(model, batches, objective, config, show_progress=False)
+    layer = ei.select_layers(model, config.layers)[0]
+    fitted = factors.layers[0]
+
+    acts, grads = [], []
+    for b in range(tokens.shape[0]):  # one unpadded sequence at a time, hooks as the reference capture
+        with Capture([layer]) as capture:
+            loss = objective.train_loss(model, lm_batches(tokens[b : b + 1], 1)[0], sample_labels=False)
+        grads.append(capture.output_gradients(loss)[layer.name][0])
+        acts.append(capture.activations(layer)[0])
+    a_NI, g_NO = torch.cat(acts), torch.cat(grads)
+    assert factors.num_tokens == a_NI.shape[0] == 12 * 20
+    assert_close(fitted.A_II, a_NI.T @ a_NI / a_NI.shape[0])
+    assert_close(fitted.S_OO, g_NO.T @ g_NO / g_NO.shape[0])
+    per_sequence = autograd_gradients(model, [layer], lm_batches(tokens, 4),
+                                      lambda m, one: objective.train_loss(m, one, sample_labels=False))
+    DW_NOI = per_sequence.reshape(-1, layer.out_features, layer.in_dim)
+    expected = (fitted.QS_OO.T @ DW_NOI @ fitted.QA_II).square().mean(0)
+    assert_close(fitted.lambda_OI, expected)
+    assert fitted.damping == pytest.approx(0.1 * expected.mean().item())
+
+
+def test_kfac_eigenvalues_are_the_kronecker_product_of_the_factor_eigenvalues_times_tokens_per_sequence(trained_llama):
+    """kfac: Λ = T̄ Λ_S ⊗ Λ_A, so T̄ (S ⊗ A) estimates the per-sequence G like the other strategies."""
+    batches = lm_batches(char_sequences(8, 16), 4)
+    factors = ei.fit_factors(trained_llama, batches, ei.CausalLMObjective(),
+                             ei.FactorConfig(strategy="kfac", factor_dtype="float64"), show_progress=False)
+    for layer in factors.layers:
+        assert_close(layer.lambda_OI, 16 * torch.outer(layer.eigS_O, layer.eigA_I))
+        reconstructed = layer.QA_II @ torch.diag(layer.eigA_I) @ layer.QA_II.T
+        assert_close(reconstructed, layer.A_II)
+
+
+def test_identity_scores_equal_explicit_gradient_dot_products(trained_llama):
+    """identity: score(q, n) = ∇f_q · ∇log p(z_n), both from one autograd backward per sequence."""
+    model = trained_llama
+    objective = ei.CausalLMObjective()
+    train = lm_batches(char_sequences(10, 16), 4, pad_to=18)
+    queries = query_batches(QUERIES, batch_size=2)
+    factors = ei.fit_factors(model, train, objective, ei.FactorConfig(strategy="identity"), show_progress=False)
+    result = ei.compute_scores(model, factors, queries, train, objective, ei.ScoreConfig(compute_dtype="float64"), show_progress=False)
+    layers = ei.select_layers(model)
+    query_grads = autograd_gradients(model, layers, queries, lambda m, one: objective.measurement(m, one))
+    train_grads = -autograd_gradients(model, layers, train, lambda m, one: objective.train_loss(m, one, sample_labels=False))
+    assert_close(result.scores, query_grads @ train_grads.T)
+    assert factors.num_sequences == result.num_train_sequences == 10
+    assert_close(result.delta_logp, result.scores / 10)
+
+
+def exact_ggn_reference(model, layers, batches) -> torch.Tensor:
+    """G = mean_n Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t, with J_t from one backward per logit (a loop)."""
+    P = sum(layer.num_params for layer in layers)
+    G, count = torch.zeros(P, P, dtype=torch.float64), 0
+    for x, _ in batches:
+        for b in range(x.shape[0]):
+            logits = model(x[b : b + 1])[0]
+            rows = []
+            for v in range(logits.shape[0]):
+                model.zero_grad()
+                logits[v].backward(retain_graph=True)
+                rows.append(flat_tracked_gradient(layers))
+            J_VP = torch.stack(rows)
+            p = torch.softmax(logits.detach(), -1)
+            G += J_VP.T @ (torch.diag(p) - torch.outer(p, p)) @ J_VP
+            count += 1
+    return G / count
+
+
+def test_exact_scores_equal_a_dense_damped_gauss_newton_built_independently(digits):
+    """exact: score = ∇f_qᵀ (G + diag λ)⁻¹ ∇log p(z_n), λ_ℓ = 0.1 mean(diag G_ℓℓ), G from a Jacobian loop."""
+    model, train, queries = digits
+    train = [(x[:40], y[:40]) for x, y in train[:2]]
+    objective = ei.ClassificationObjective()
+    factors = ei.fit_factors(model, train, objective, ei.FactorConfig(strategy="exact", factor_dtype="float64"), show_progress=False)
+    result = ei.compute_scores(model, factors, queries, train, objective, ei.ScoreConfig(compute_dtype="float64"), show_progress=False)
+
+    layers = ei.select_layers(model)
+    G = exact_ggn_reference(model, layers, train)
+    assert_close(factors.ggn_PP, G)
+    damping = []
+    for layer in layers:
+        start = sum(l.num_params for l in layers[: layers.index(layer)])
+        block = torch.diagonal(G)[start : start + layer.num_params]
+        damping.append(torch.full((layer.num_params,), 0.1 * block.mean().item(), dtype=torch.float64))
+    inverse = torch.linalg.inv(G + torch.diag(torch.cat(damping)))
+    query_grads = autograd_gradients(model, layers, queries, lambda m, one: objective.measurement(m, one))
+    train_grads = -autograd_gradients(model, layers, train, lambda m, one: objective.train_loss(m, one, sample_labels=False))
+    assert_close(result.scores, query_grads @ inverse @ train_grads.T)
+
+
+def test_exact_gauss_newton_of_a_transformer_equals_the_mean_of_sampled_fishers_in_expectation(trained_llama):
+    """On a causal LM, G_exact = E_y[∇L̃ ∇L̃ᵀ]: the mean outer product of many sampled-label gradients converges to it."""
+    model = trained_llama
+    layers = ei.select_layers(model, (r"layers\.1\.mlp\.down_proj",))
+    batches = lm_batches(char_sequences(2, 8), 2)
+    objective = ei.CausalLMObjective()
+    G = exact_ggn(model, layers, batches, objective, show_progress=False)[0]
+    copies = 1500  # every copy has its own sequence index, hence its own sampled labels
+    repeated = lm_batches(char_sequences(2, 8).repeat(copies, 1), 500)
+    total = torch.zeros_like(G)
+    for item in capture_pass(model, layers, repeated, objective, loss="sampled", seed=0, show_progress=False):
+        DW = sequence_gradients(item.grads[layers[0].name], item.acts[layers[0].name]).reshape(item.num_sequences, -1)
+        total += DW.T @ DW
+    estimate = total / (2 * copies)
+    relative_error = ((estimate - G).norm() / G.norm()).item()
+    assert relative_error < 0.1, relative_error

@@ -1,0 +1,276 @@
+"""Storage of fitted factors: exact round trips, no silent overwrite, refusal of factors made for
+another model or other layers, detection of corruption, and no pickle anywhere (DESIGN §4).
+
+On disk a factors directory is `factors.safetensors` (tensors `{layer}/{A_II, S_OO, QA_II, QS_OO,
+eigA_I, eigS_O, lambda_OI}` and `ggn_PP` for the exact strategy) and `manifest.json` (fingerprint,
+strategy, layers, resolved config, checksum of the tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_mlp
+from torch import nn
+
+import ekfac_influence as ei
+from ekfac_influence.config import to_dict
+from ekfac_influence.factors import LayerFactors
+
+FACTORS_FILE, MANIFEST_FILE = "factors.safetensors", "manifest.json"
+STRATEGIES = ["ekfac", "kfac", "diagonal", "identity", "exact", "lissa"]
+SAME_SCORES = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and two threads on two busy cores make every
+    op wait on a descheduled peer (hundreds of times slower): run this module on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_digits(digits):
+    """(trained MLP, 300 training digits in 3 batches, 10 query digits): enough to fit every strategy."""
+    model, train, queries = digits
+    x, y = queries[0]
+    return model, train[:3], [(x[:10], y[:10])]
+
+
+def fit(model, train, strategy: str = "ekfac", **config) -> ei.Factors:
+    config.setdefault("factor_dtype", "float64")
+    return ei.fit_factors(model, train, ei.ClassificationObjective(), ei.FactorConfig(strategy=strategy, **config),
+                          show_progress=False)
+
+
+def scores(model, factors, queries, train) -> ei.ScoreResult:
+    return ei.compute_scores(model, factors, queries, train, ei.ClassificationObjective(),
+                             ei.ScoreConfig(compute_dtype="float64", per_layer=True), show_progress=False)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir())}
+
+
+def assert_same_tensor(loaded, original, what: str) -> None:
+    assert (loaded is None) == (original is None), what
+    if original is not None:
+        assert loaded.dtype == original.dtype and loaded.shape == original.shape, what
+        assert torch.equal(loaded, original), what
+
+
+def assert_same_factors(loaded: ei.Factors, original: ei.Factors) -> None:
+    """Every field equal, every tensor bit-identical with the same dtype and shape."""
+    for field in ("strategy", "fingerprint", "config", "num_sequences", "num_tokens", "lissa_scale", "meta"):
+        assert getattr(loaded, field) == getattr(original, field), field
+    assert_same_tensor(loaded.ggn_PP, original.ggn_PP, "ggn_PP")
+    assert loaded.layer_names == original.layer_names
+    for got, want in zip(loaded.layers, original.layers):
+        assert (got.name, got.out_dim, got.in_dim, got.damping) == (want.name, want.out_dim, want.in_dim, want.damping)
+        for key in LayerFactors.TENSORS:
+            assert_same_tensor(getattr(got, key), getattr(want, key), f"{want.name}/{key}")
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("strategy, factor_dtype", [(s, "float64") for s in STRATEGIES] + [("ekfac", "float32")])
+def test_saved_factors_load_back_exactly_and_give_the_same_scores(small_digits, tmp_path, strategy, factor_dtype):
+    """load(save(F)) == F field by field and bit by bit, so score(q, m) = ∇f_qᵀ P(∇log p(z_m)) is unchanged
+    (to float64 rounding). lissa is included for its `lissa_scale` field."""
+    model, train, queries = small_digits
+    factors = fit(model, train, strategy, factor_dtype=factor_dtype, layers=("0", "2"))
+    factors.meta = {"note": "round trip", "nested": {"list": [1, 2.5, None]}}
+    factors.save(tmp_path / "factors")
+
+    loaded = ei.Factors.load(tmp_path / "factors", model=model)
+
+    assert_same_factors(loaded, factors)
+    if strategy == "lissa":
+        return  # its scores cost an iterative solve per query; the stored fields are what matters
+    expected, found = scores(model, factors, queries, train), scores(model, loaded, queries, train)
+    assert expected.scores.abs().max() > 0
+    # Same values, other memory layout: eigh returns column-major eigenvectors, safetensors stores them
+    # row-major, and matmuls then sum in another order (≈1e-13 here).
+    torch.testing.assert_close(found.scores, expected.scores, **SAME_SCORES)
+    for name in factors.layer_names:
+        torch.testing.assert_close(found.per_layer[name], expected.per_layer[name], **SAME_SCORES)
+
+
+# ----------------------------------------------------------------------------- overwriting
+
+
+def test_saving_over_existing_factors_needs_overwrite_and_then_replaces_them(small_digits, tmp_path):
+    """Without overwrite=True the old directory stays byte for byte; with it, the new factors replace it."""
+    model, train, _ = small_digits
+    path = tmp_path / "factors"
+    old, new = fit(model, train, "ekfac"), fit(model, train, "diagonal")
+    old.save(path)
+    before = snapshot(path)
+
+    with pytest.raises(ei.StorageError, match="overwrite"):
+        new.save(path)
+    assert snapshot(path) == before
+    assert_same_factors(ei.Factors.load(path), old)
+
+    new.save(path, overwrite=True)
+    assert snapshot(path) != before
+    assert_same_factors(ei.Factors.load(path), new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors"]  # no temporary or backup left behind
+
+
+def test_a_failed_overwrite_leaves_the_old_factors_intact(small_digits, tmp_path, monkeypatch):
+    """Writes go to a temporary directory renamed into place: a crash mid-write changes nothing."""
+    import ekfac_influence.storage as storage
+
+    model, train, _ = small_digits
+    path = tmp_path / "factors"
+    fit(model, train, "ekfac").save(path)
+    before = snapshot(path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(storage, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit(model, train, "diagonal").save(path, overwrite=True)
+    assert snapshot(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors"]
+
+
+# ----------------------------------------------------------------------------- mismatches
+
+
+def another_model(how: str) -> nn.Module:
+    """The digits MLP's architecture with other weights: a fresh initialisation, or one Adam step."""
+    from conftest import _digits, _trained_mlp_state
+
+    model = make_mlp()
+    if how == "other initialisation":
+        torch.manual_seed(123)
+        return make_mlp().eval()
+    model.load_state_dict(_trained_mlp_state())
+    x, y = _digits()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("how", ["other initialisation", "one training step"])
+def test_factors_of_another_model_are_refused(small_digits, tmp_path, how):
+    """Same architecture, other weights: load(model=...) and compute_scores raise FactorMismatchError."""
+    model, train, queries = small_digits
+    factors = fit(model, train, "ekfac")
+    factors.save(tmp_path / "factors")
+    other = another_model(how)
+
+    with pytest.raises(ei.FactorMismatchError, match="another model"):
+        ei.Factors.load(tmp_path / "factors", model=other)
+    with pytest.raises(ei.FactorMismatchError, match="another model"):
+        scores(other, factors, queries, train)
+    ei.Factors.load(tmp_path / "factors", model=model)  # the model they were fitted for is accepted
+
+
+@pytest.mark.parametrize("change, message", [
+    ("layer 0 removed", r"layers this model does not have: 0$"),
+    ("layer 0 wider", r"layer 0 is 30 × 65 here but 24 × 65 in the factors"),
+    ("layer 0 without bias", r"layer 0 is 24 × 64 here but 24 × 65 in the factors"),
+])
+def test_factors_of_other_layers_are_refused_naming_the_layer(small_digits, tmp_path, change, message):
+    """Factors fitted for layer "0" do not fit a model whose layer 0 is missing or has another O × I."""
+    model, train, queries = small_digits
+    factors = fit(model, train, "ekfac", layers=("0",))
+    factors.save(tmp_path / "factors")
+    first = {"layer 0 removed": nn.Identity(), "layer 0 wider": nn.Linear(64, 30),
+             "layer 0 without bias": nn.Linear(64, 24, bias=False)}[change]
+    width = 30 if change == "layer 0 wider" else 24
+    changed = nn.Sequential(first, nn.Tanh(), nn.Linear(64 if change == "layer 0 removed" else width, 10)).double()
+
+    with pytest.raises(ei.FactorMismatchError, match=message):
+        ei.Factors.load(tmp_path / "factors", model=changed)
+    with pytest.raises(ei.FactorMismatchError, match=message):
+        scores(changed, factors, queries, train)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+@pytest.mark.parametrize("where", ["header", "middle", "last byte", "truncated"])
+def test_a_corrupted_tensor_file_is_refused(small_digits, tmp_path, where):
+    """Any changed byte of factors.safetensors breaks its checksum in the manifest: StorageError."""
+    model, train, _ = small_digits
+    fit(model, train, "ekfac").save(tmp_path / "factors")
+    tensor_path = tmp_path / "factors" / FACTORS_FILE
+    data = bytearray(tensor_path.read_bytes())
+    if where == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        index = {"header": 20, "middle": len(data) // 2, "last byte": len(data) - 1}[where]
+        data[index] ^= 0xFF
+    tensor_path.write_bytes(bytes(data))
+
+    with pytest.raises(ei.StorageError, match="corrupted"):
+        ei.Factors.load(tmp_path / "factors")
+
+
+@pytest.mark.parametrize("damage", ["manifest missing", "manifest not JSON", "tensors missing", "not a directory"])
+def test_a_damaged_factors_directory_is_refused(small_digits, tmp_path, damage):
+    """A missing or unreadable manifest, or missing tensors, raise StorageError (not KeyError/JSON errors)."""
+    model, train, _ = small_digits
+    path = tmp_path / "factors"
+    fit(model, train, "ekfac").save(path)
+    if damage == "manifest missing":
+        (path / MANIFEST_FILE).unlink()
+    elif damage == "manifest not JSON":
+        (path / MANIFEST_FILE).write_text('{"kind": "ekfac_influence.factors", ')
+    elif damage == "tensors missing":
+        (path / FACTORS_FILE).unlink()
+    else:
+        path = tmp_path / "nothing here"
+
+    with pytest.raises(ei.StorageError):
+        ei.Factors.load(path)
+
+
+# ----------------------------------------------------------------------------- no pickle
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "exact"])
+def test_factors_are_stored_as_safetensors_and_json_without_pickle(small_digits, tmp_path, monkeypatch, strategy):
+    """The directory holds factors.safetensors and manifest.json only; loading never unpickles."""
+    from safetensors import safe_open
+
+    model, train, _ = small_digits
+    factors = fit(model, train, strategy)
+    path = tmp_path / "factors"
+    factors.save(path)
+
+    assert sorted(p.name for p in path.iterdir()) == [FACTORS_FILE, MANIFEST_FILE]
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert manifest["kind"] == "ekfac_influence.factors"
+    assert manifest["fingerprint"] == factors.fingerprint == ei.fingerprint(model, ei.select_layers(model))
+    assert manifest["strategy"] == strategy
+    assert [(l["name"], l["out_dim"], l["in_dim"]) for l in manifest["layers"]] == [("0", 24, 65), ("2", 10, 25)]
+    assert manifest["config"] == json.loads(json.dumps(to_dict(factors.config)))
+    assert manifest["config"]["strategy"] == strategy
+    assert set(manifest["checksums"]) == {FACTORS_FILE}
+
+    with safe_open(str(path / FACTORS_FILE), framework="pt") as handle:
+        keys = set(handle.keys())
+    expected = {f"{l.name}/{k}" for l in factors.layers for k in l.tensors()} | ({"ggn_PP"} if strategy == "exact" else set())
+    assert keys == expected
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("pickle used while loading factors")
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(target, name, no_pickle)
+    assert_same_factors(ei.Factors.load(path, model=model), factors)
