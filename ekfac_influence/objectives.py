@@ -87,11 +87,22 @@ class CausalLMObjective:
 
     def logits(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
         """(logits_BTV of positions that predict a token, their labels_BT), shifted by one."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        mask = batch.get("attention_mask")
+        position_ids = batch.get("position_ids")
+        if position_ids is None and mask is not None and not bool(mask[:, 0].all()):
+            # left padding: number the real tokens from 0, as for the unpadded sequence
+            position_ids = (mask.long().cumsum(1) - 1).clamp_min(0)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": mask}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        logits = model(**inputs).logits
         labels = batch.get("labels")
         if labels is None:
             labels = batch["input_ids"].masked_fill(self.token_mask(batch) == 0, IGNORE_INDEX)
-        return logits[:, :-1], labels[:, 1:]
+        labels = labels[:, 1:]
+        if mask is not None:  # a pad position predicts nothing (with left padding it precedes the first token)
+            labels = labels.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
+        return logits[:, :-1], labels
 
     def train_loss(self, model, batch, *, sample_labels: bool, generator: LabelSampler | None = None) -> Tensor:
         logits_BTV, labels_BT = self.logits(model, batch)

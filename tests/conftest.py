@@ -101,7 +101,7 @@ def make_llama(hidden: int = 16, layers: int = 2, intermediate: int = 32, seed: 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, attn_implementation="eager")
+                         tie_word_embeddings=False, attn_implementation="sdpa")
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -110,7 +110,7 @@ def make_gpt2(hidden: int = 16, layers: int = 2, seed: int = 0, dtype=torch.floa
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=2, n_positions=256,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 

@@ -72,19 +72,25 @@ def token_loss(model: TokenModel, x_BTI, y_BT, mask_BT) -> torch.Tensor:
     return F.cross_entropy(logits_BTC.flatten(0, 1), y_BT.flatten(), reduction="none").mul(mask_BT.flatten()).sum()
 
 
-def padded(x_NTI: torch.Tensor, y_NT: torch.Tensor, padding: str, extra: int = 3):
-    """(x_BTI, y_BT, mask_BT, offsets): each sequence shifted right by its offset when left-padded."""
-    N, T, I = x_NTI.shape
+def token_case(padding: str, N: int = 4, T: int = 5, I: int = 5, C: int = 4):
+    """(x_BTI, y_BT, mask_BT of the batch, [(x, y, mask) of each sequence alone]). Padded batches are
+    ragged, sequence n has T − n real tokens, and the pads hold random inputs that must not leak."""
+    generator = torch.Generator().manual_seed(1)
+    x_NTI = torch.randn(N, T, I, dtype=torch.float64, generator=generator)
+    y_NT = torch.randint(0, C, (N, T), generator=generator)
+    lengths = [T] * N if padding == "none" else [T - n for n in range(N)]
+    alone = [(x_NTI[n : n + 1, :L], y_NT[n : n + 1, :L], torch.ones(1, L, dtype=torch.float64))
+             for n, L in enumerate(lengths)]
     if padding == "none":
-        return x_NTI, y_NT, torch.ones(N, T, dtype=torch.float64), [0] * N
-    width = T + extra
-    x = torch.randn(N, width, I, dtype=torch.float64, generator=torch.Generator().manual_seed(7))  # garbage pads
-    y = torch.zeros(N, width, dtype=torch.long)
+        return x_NTI, y_NT, torch.ones(N, T, dtype=torch.float64), alone
+    width = T + 2
+    x = torch.randn(N, width, I, dtype=torch.float64, generator=generator)
+    y = torch.randint(0, C, (N, width), generator=generator)
     mask = torch.zeros(N, width, dtype=torch.float64)
-    offsets = [extra if padding == "left" else 0] * N
-    for n, off in enumerate(offsets):
-        x[n, off : off + T], y[n, off : off + T], mask[n, off : off + T] = x_NTI[n], y_NT[n], 1
-    return x, y, mask, offsets
+    for n, L in enumerate(lengths):
+        span = slice(width - L, width) if padding == "left" else slice(0, L)
+        x[n, span], y[n, span], mask[n, span] = x_NTI[n, :L], y_NT[n, :L], 1
+    return x, y, mask, alone
 
 
 def hook_sequence_gradients(layers, loss_fn, mask_BT) -> dict[str, torch.Tensor]:
@@ -110,15 +116,11 @@ def test_per_sequence_gradients_from_hooks_equal_an_autograd_loop(kind, padding)
     layers = ei.select_layers(model, (r"^middle$", r"^inp$"))
     middle = layers[[l.name for l in layers].index("middle")]
     assert middle.has_bias == (kind != "linear_no_bias") and middle.transposed == (kind == "conv1d")
-    generator = torch.Generator().manual_seed(1)
-    x_NTI = torch.randn(4, 5, 5, dtype=torch.float64, generator=generator)
-    y_NT = torch.randint(0, 4, (4, 5), generator=generator)
-    x, y, mask, offsets = padded(x_NTI, y_NT, padding)
+    x, y, mask, sequences = token_case(padding)
 
     DW = hook_sequence_gradients(layers, lambda: token_loss(model, x, y, mask), mask)
 
-    for n in range(x_NTI.shape[0]):
-        one = (x_NTI[n : n + 1], y_NT[n : n + 1], torch.ones(1, x_NTI.shape[1], dtype=torch.float64))
+    for n, one in enumerate(sequences):
         expected = autograd_gradients(model, layers, lambda: token_loss(model, *one))
         for layer in layers:
             assert DW[layer.name].shape[1:] == (layer.out_features, layer.in_dim)
@@ -129,15 +131,13 @@ def test_per_sequence_gradients_from_hooks_equal_an_autograd_loop(kind, padding)
 
 
 def tiny_lm(family: str) -> tuple[nn.Module, list]:
-    """(float64 model, tracked layers). Llama runs on SDPA attention: its eager attention takes the
-    softmax in float32 (transformers), which costs float64 exactness and turns the fully masked rows
-    of left padding into NaN."""
-    if family == "gpt2":
-        model = make_gpt2()
-        return model, ei.select_layers(model, GPT2_LAYERS)
-    model = make_llama()
+    """(float64 model, tracked layers), on SDPA attention whatever conftest picks: Llama's eager
+    attention takes the softmax in float32 (transformers), which costs float64 exactness and turns the
+    fully masked rows of left padding into NaN; GPT-2's eager attention lets those rows attend to every
+    position, so a loss term on a pad position would reach the real tokens' gradients."""
+    model = make_gpt2() if family == "gpt2" else make_llama()
     model.set_attn_implementation("sdpa")
-    return model, ei.select_layers(model)
+    return model, ei.select_layers(model, GPT2_LAYERS if family == "gpt2" else None)
 
 
 def causal_lm_case(padding: str) -> tuple[dict, list[dict]]:
@@ -152,20 +152,15 @@ def causal_lm_case(padding: str) -> tuple[dict, list[dict]]:
     return batch, [lm_batches(tokens_NT[n : n + 1, :length], 1)[0] for n, length in enumerate((10, 7, 5))]
 
 
-LEFT_PADDING_LABEL_BUG = (
-    "CausalLMObjective.logits keeps the label of the first real token of a left-padded sequence, so the "
-    "last pad position predicts it: one extra term −log p(z_0 | pads) per sequence")
-LEFT_PADDING_LOSS_BUG = pytest.mark.xfail(strict=True, reason=LEFT_PADDING_LABEL_BUG)
-GPT2_LEFT_PADDING_BUG = pytest.mark.xfail(
+LEFT_PADDING_LOSS_BUG = pytest.mark.xfail(
     strict=True,
-    reason=LEFT_PADDING_LABEL_BUG + " (in GPT-2 the fully masked pad rows attend to real positions, so it "
-           "reaches the gradients); and no position_ids are passed, so GPT-2's absolute position embeddings see "
-           "left-padded tokens at shifted positions",
+    reason="CausalLMObjective.logits keeps the label of the first real token of a left-padded sequence, so the "
+           "last pad position predicts it: one extra term −log p(z_0 | pads) per sequence",
 )
 
 
 @pytest.mark.parametrize("family, padding", [
-    ("gpt2", "none"), ("gpt2", "right"), pytest.param("gpt2", "left", marks=GPT2_LEFT_PADDING_BUG),
+    ("gpt2", "none"), ("gpt2", "right"), pytest.param("gpt2", "left", marks=LEFT_PADDING_LOSS_BUG),
     ("llama", "none"), ("llama", "right"), pytest.param("llama", "left", marks=LEFT_PADDING_LOSS_BUG),
 ])
 def test_the_loss_of_a_padded_batch_is_the_sum_of_the_losses_of_its_sequences_alone(family, padding):
@@ -181,7 +176,7 @@ def test_the_loss_of_a_padded_batch_is_the_sum_of_the_losses_of_its_sequences_al
 
 
 @pytest.mark.parametrize("family, padding", [
-    ("gpt2", "none"), ("gpt2", "right"), pytest.param("gpt2", "left", marks=GPT2_LEFT_PADDING_BUG),
+    ("gpt2", "none"), ("gpt2", "right"), ("gpt2", "left"),
     ("llama", "none"), ("llama", "right"), ("llama", "left"),
 ])
 def test_per_sequence_gradients_of_a_causal_lm_equal_the_gradient_of_each_sequence_alone(family, padding):

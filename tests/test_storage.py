@@ -8,6 +8,7 @@ strategy, layers, resolved config, checksum of the tensors).
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 from pathlib import Path
@@ -148,20 +149,16 @@ def test_a_failed_overwrite_leaves_the_old_factors_intact(small_digits, tmp_path
 # ----------------------------------------------------------------------------- mismatches
 
 
-def another_model(how: str) -> nn.Module:
+def another_model(model: nn.Module, batch, how: str) -> nn.Module:
     """The digits MLP's architecture with other weights: a fresh initialisation, or one Adam step."""
-    from conftest import _digits, _trained_mlp_state
-
-    model = make_mlp()
     if how == "other initialisation":
         torch.manual_seed(123)
         return make_mlp().eval()
-    model.load_state_dict(_trained_mlp_state())
-    x, y = _digits()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+    other = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(other.parameters(), lr=1e-3)
+    nn.functional.cross_entropy(other(batch[0]), batch[1]).backward()
     optimizer.step()
-    return model.eval()
+    return other.eval()
 
 
 @pytest.mark.parametrize("how", ["other initialisation", "one training step"])
@@ -170,7 +167,7 @@ def test_factors_of_another_model_are_refused(small_digits, tmp_path, how):
     model, train, queries = small_digits
     factors = fit(model, train, "ekfac")
     factors.save(tmp_path / "factors")
-    other = another_model(how)
+    other = another_model(model, train[0], how)
 
     with pytest.raises(ei.FactorMismatchError, match="another model"):
         ei.Factors.load(tmp_path / "factors", model=other)
