@@ -34,7 +34,7 @@ def eigendecompose(cov_XX: Tensor) -> tuple[Tensor, Tensor]:
     """(eigenvalues_X, eigenvectors_XX) of the symmetrised matrix, in float64, eigenvalues ≥ 0."""
     cov_XX = cov_XX.double()
     eigenvalues_X, eigenvectors_XX = torch.linalg.eigh((cov_XX + cov_XX.T) / 2)
-    return eigenvalues_X.clamp_min(0), eigenvectors_XX
+    return eigenvalues_X.clamp_min(0), eigenvectors_XX.contiguous()  # row-major, as stored: same sums after a reload
 
 
 def sequence_gradients(g_BTO: Tensor, a_BTI: Tensor) -> Tensor:

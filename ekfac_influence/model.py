@@ -95,8 +95,9 @@ def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> s
     """A short hash of the model's architecture and (sampled) weights, plus the tracked layers.
 
     Every parameter contributes its name, shape and up to 256 evenly strided values rounded to
-    float16, so any training step or a different checkpoint changes the fingerprint, while a dtype
-    cast of the same weights (float32 → bfloat16 storage aside) usually does not.
+    float16 (hashing every weight of a 7B model would take longer than the check is worth). A
+    training step or another checkpoint changes the sampled values and so the fingerprint; an edit
+    of a single entry that the sample skips does not.
     """
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())

@@ -72,8 +72,12 @@ def _mix(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _summed_cross_entropy(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
-    return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), labels_BT.reshape(-1),
+    return F.cross_entropy(_at_least_float32(logits_BTV.reshape(-1, logits_BTV.shape[-1])), labels_BT.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -98,7 +102,7 @@ class CausalLMObjective:
         logits = model(**inputs).logits
         labels = batch.get("labels")
         if labels is None:
-            labels = batch["input_ids"].masked_fill(self.token_mask(batch) == 0, IGNORE_INDEX)
+            labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
         labels = labels[:, 1:]
         if mask is not None:  # a pad position predicts nothing (with left padding it precedes the first token)
             labels = labels.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
@@ -133,11 +137,11 @@ class ClassificationObjective:
         if sample_labels:
             valid = torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
             y = _sampler(generator).sample(logits_BC[:, None, :], valid)[:, 0]
-        return F.cross_entropy(logits_BC.float(), y, reduction="sum")
+        return F.cross_entropy(_at_least_float32(logits_BC), y, reduction="sum")
 
     def measurement(self, model, batch) -> Tensor:
         x, y = batch
-        return -F.cross_entropy(model(x).float(), y, reduction="sum")
+        return -F.cross_entropy(_at_least_float32(model(x)), y, reduction="sum")
 
     def token_mask(self, batch) -> Tensor | None:
         return None

@@ -81,7 +81,9 @@ def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
     except json.JSONDecodeError as error:
         raise StorageError(f"{manifest_path} is not valid JSON ({error}); the file is corrupted") from None
     expected = manifest.get("checksums", {}).get(FACTORS_FILE)
-    if expected is not None and sha256_file(tensor_path) != expected:
+    if expected is None:
+        raise StorageError(f"{manifest_path} has no checksum for {FACTORS_FILE}; the manifest is incomplete or corrupted")
+    if sha256_file(tensor_path) != expected:
         raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted")
     return load_file(str(tensor_path)), manifest
 

@@ -28,7 +28,6 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -105,13 +104,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device):
-    """(seconds, result) of fn()."""
+def _cpu_ticks() -> tuple[int, int, int] | None:
+    """(all CPU ticks, busy ticks of the machine, ticks of this process) from /proc; None elsewhere than Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after the command name: field 3 (state) is own[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(fields)
+    return total, total - fields[3] - fields[4], int(own[11]) + int(own[12])  # utime + stime
+
+
+@dataclass
+class Timing:
+    seconds: float
+    others: float | None  # share of the machine's CPU time used by other processes meanwhile (0-1)
+
+
+def timed(fn, device: torch.device) -> tuple[Timing, object]:
+    """(Timing, result) of fn(). `others` says how much other load may have slowed it down."""
     synchronize(device)
-    start = time.perf_counter()
+    before, start = _cpu_ticks(), time.perf_counter()
     result = fn()
     synchronize(device)
-    return time.perf_counter() - start, result
+    seconds, after = time.perf_counter() - start, _cpu_ticks()
+    others = None
+    if before is not None and after is not None and after[0] > before[0]:
+        others = max(0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
+    return Timing(seconds, others), result
+
+
+def wait_for_idle(limit_s: float, threshold: float = 0.1) -> None:
+    """Wait (at most limit_s) until other processes use under `threshold` of the machine for 2 s."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        timing, _ = timed(lambda: time.sleep(2), torch.device("cpu"))
+        if timing.others is None or timing.others < threshold:
+            return
+    print(f"- the machine did not go idle within {limit_s:.0f} s; timing anyway")
 
 
 def train_epoch(model, optimizer, batches: list[dict]) -> None:
@@ -125,11 +157,11 @@ def train_epoch(model, optimizer, batches: list[dict]) -> None:
 
 
 def fit_in_steps(model, batches: list[dict], objective, config: ei.FactorConfig, device: torch.device) -> dict:
-    """Seconds of the three steps of an EK-FAC fit, called one by one (as fit_factors does)."""
+    """Timings of the three steps of an EK-FAC fit, called one by one as fit_factors calls them."""
     layers = select_layers(model, config.layers)
-    seconds = {}
+    steps = {}
     with evaluation_mode(model):
-        seconds["covariances"], (fitted, _, _) = timed(
+        steps["covariances"], (fitted, _, _) = timed(
             lambda: collect_covariances(model, layers, batches, objective, config, show_progress=False), device)
 
         def eigh_all():
@@ -137,29 +169,32 @@ def fit_in_steps(model, batches: list[dict], objective, config: ei.FactorConfig,
                 layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II)
                 layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
 
-        seconds["eigendecomposition"], _ = timed(eigh_all, device)
-        seconds["eigenvalue correction"], _ = timed(
+        steps["eigendecomposition"], _ = timed(eigh_all, device)
+        steps["eigenvalue correction"], _ = timed(
             lambda: correct_eigenvalues(model, layers, fitted, batches, objective, config, show_progress=False), device)
-    return seconds
+    return steps
 
 
 @dataclass
 class Row:
     stage: str
-    seconds: float
+    timing: Timing
     aim: float | None = None  # in epochs
-    indent: bool = False
+    step: bool = False  # a step of the stage above
 
 
 def print_table(rows: list[Row], epoch: float) -> None:
-    print("| stage | seconds | × epoch | aim | met |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    print("| stage | seconds | × epoch | aim | met | other load |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
     for row in rows:
-        ratio = row.seconds / epoch
+        ratio = row.timing.seconds / epoch
         aim = "" if row.aim is None else f"≤ {row.aim:g}"
         met = "" if row.aim is None else ("yes" if ratio <= row.aim else "**no**")
-        stage = ("  ↳ " if row.indent else "") + row.stage
-        print(f"| {stage} | {row.seconds:.2f} | {ratio:.2f} | {aim} | {met} |")
+        others = "?" if row.timing.others is None else f"{100 * row.timing.others:.0f}%"
+        stage = ("&nbsp;&nbsp;↳ " if row.step else "") + row.stage
+        print(f"| {stage} | {row.timing.seconds:.2f} | {ratio:.2f} | {aim} | {met} | {others} |")
+    print("\nother load: share of the machine's CPU time that other processes used during the stage "
+          "(0% = the stage had the machine to itself).")
 
 
 def profile(label: str, fn, rows: int) -> None:
@@ -197,6 +232,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-full-rank-128", action="store_true", help="skip Q=128 at full rank")
     parser.add_argument("--profile", action="store_true", help="also profile one fit and the Q=128 rank-k scoring")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
+                        help="first wait up to S seconds for other processes to leave the CPUs idle")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="N=64, T=64, one timed epoch: a smoke test")
     args = parser.parse_args()
@@ -205,12 +242,28 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def describe(args, device: torch.device, model, tracked) -> None:
+    import transformers
+
+    shapes = ", ".join(sorted({f"{l.out_features}×{l.in_dim}" for l in tracked}))
+    print("## Engine benchmark (scripts/bench_engine.py)\n")
+    print(f"- {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"python {platform.python_version()}; device {device}, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"- model: Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} "
+          f"heads, vocab 256, float32, attention {args.attention}; {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters; tracked: {len(tracked)} MLP linears (O×I {shapes}), {sum(l.num_params for l in tracked):,} "
+          "parameters")
+    print(f"- data: pydoc_data.topics as bytes, N={args.sequences} sequences × T={args.length} tokens, batches of "
+          f"{args.batch_size}; queries: held-out {args.prompt}-token prompt + {args.completion}-token completion, "
+          f"batches of {args.query_batch_size}")
+    print(f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    import transformers
-
     ids = pydoc_bytes()
     train = to_device(train_batches(ids, args.sequences, args.length, args.batch_size), device)
     held_out = args.sequences * args.length
@@ -219,23 +272,12 @@ def main() -> None:
     model = tiny_llama(args.hidden, args.intermediate, args.layers, args.heads, args.attention).to(device).eval()
     objective = ei.CausalLMObjective()
     factor_config = ei.FactorConfig(strategy="ekfac")
-    tracked = select_layers(model, factor_config.layers)
-
-    print("## Engine benchmark (scripts/bench_engine.py)\n")
-    print(f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
-          f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPU cores")
-    print(f"- model: Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} "
-          f"heads, vocab 256, float32, attention {args.attention}; "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"- tracked: {len(tracked)} MLP linears ({', '.join(sorted({f'{l.out_features}×{l.in_dim}' for l in tracked}))}"
-          f", O×I), {sum(l.num_params for l in tracked):,} parameters")
-    print(f"- data: pydoc_data.topics bytes, N={args.sequences} sequences × T={args.length} tokens, batches of "
-          f"{args.batch_size}; queries {args.prompt}-token prompt + {args.completion}-token completion, batches of "
-          f"{args.query_batch_size}")
-    print(f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    describe(args, device, model, select_layers(model, factor_config.layers))
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
 
     # Warm-up: kernels, allocator and lazy imports of every code path, on two batches.
-    trainee = copy.deepcopy(model)
+    trainee = copy.deepcopy(model)  # trained by the timed epochs; `model` stays as the factors saw it
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
     train_epoch(trainee, optimizer, train[:2])
     small = ei.fit_factors(model, train[:2], objective, factor_config, show_progress=False)
@@ -244,32 +286,31 @@ def main() -> None:
                           show_progress=False)
 
     epochs = [timed(lambda: train_epoch(trainee, optimizer, train), device)[0] for _ in range(args.epochs)]
-    print(f"- epochs before the engine stages: {' '.join(f'{s:.2f}' for s in epochs)} s", flush=True)
+    print(f"- epochs before the engine stages: {' '.join(f'{e.seconds:.2f}' for e in epochs)} s", flush=True)
 
     rows = []
-    fit_seconds, factors = timed(lambda: ei.fit_factors(model, train, objective, factor_config, show_progress=False), device)
-    rows.append(Row("fit_factors (ekfac)", fit_seconds, AIM_FIT))
+    fit, factors = timed(lambda: ei.fit_factors(model, train, objective, factor_config, show_progress=False), device)
+    rows.append(Row("fit_factors (ekfac)", fit, AIM_FIT))
     if not args.no_breakdown:
         steps = fit_in_steps(model, train, objective, factor_config, device)
-        rows += [Row(name, seconds, indent=True) for name, seconds in steps.items()]
-        rows.append(Row("sum of the steps", sum(steps.values()), indent=True))
+        rows += [Row(name, timing, step=True) for name, timing in steps.items()]
 
     score_runs = [("score Q=1", 1, None, None), ("score Q=16", 16, None, AIM_SCORE_16),
                   (f"score Q=128, rank {args.rank}", 128, args.rank, AIM_SCORE_128_RANK_32)]
     if not args.no_full_rank_128:
         score_runs.append(("score Q=128, full rank", 128, None, None))
     for label, num_queries, rank, aim in score_runs:
-        seconds, _ = timed(lambda: ei.compute_scores(model, factors, queries[num_queries], train, objective,
-                                                     ei.ScoreConfig(rank=rank), show_progress=False), device)
-        rows.append(Row(label, seconds, aim))
+        timing, _ = timed(lambda: ei.compute_scores(model, factors, queries[num_queries], train, objective,
+                                                    ei.ScoreConfig(rank=rank), show_progress=False), device)
+        rows.append(Row(label, timing, aim))
 
-    after = timed(lambda: train_epoch(trainee, optimizer, train), device)[0]
-    epochs.append(after)
-    epoch = statistics.median(epochs)
-    print(f"- epoch after the engine stages: {after:.2f} s; unit = median of {len(epochs)} epochs = {epoch:.2f} s "
-          f"(spread {min(epochs):.2f}-{max(epochs):.2f} s)")
+    epochs.append(timed(lambda: train_epoch(trainee, optimizer, train), device)[0])
+    median = sorted(epochs, key=lambda e: e.seconds)[len(epochs) // 2]
+    print(f"- epoch after the engine stages: {epochs[-1].seconds:.2f} s; the unit is the median of {len(epochs)} "
+          f"epochs: {median.seconds:.2f} s (range {min(e.seconds for e in epochs):.2f}-"
+          f"{max(e.seconds for e in epochs):.2f} s)")
     print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print_table([Row("epoch (forward + backward + AdamW)", epoch)] + rows, epoch)
+    print_table([Row("epoch (forward + backward + AdamW)", median)] + rows, median.seconds)
 
     if args.profile:
         profile("fit_factors (ekfac)",

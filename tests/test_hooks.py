@@ -152,16 +152,8 @@ def causal_lm_case(padding: str) -> tuple[dict, list[dict]]:
     return batch, [lm_batches(tokens_NT[n : n + 1, :length], 1)[0] for n, length in enumerate((10, 7, 5))]
 
 
-LEFT_PADDING_LOSS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="CausalLMObjective.logits keeps the label of the first real token of a left-padded sequence, so the "
-           "last pad position predicts it: one extra term −log p(z_0 | pads) per sequence",
-)
-
-
 @pytest.mark.parametrize("family, padding", [
-    ("gpt2", "none"), ("gpt2", "right"), pytest.param("gpt2", "left", marks=LEFT_PADDING_LOSS_BUG),
-    ("llama", "none"), ("llama", "right"), pytest.param("llama", "left", marks=LEFT_PADDING_LOSS_BUG),
+    ("gpt2", "none"), ("gpt2", "right"), ("gpt2", "left"), ("llama", "none"), ("llama", "right"), ("llama", "left"),
 ])
 def test_the_loss_of_a_padded_batch_is_the_sum_of_the_losses_of_its_sequences_alone(family, padding):
     """L(batch) = Σ_n L(z_n), L(z) = −Σ_{t≥1} log p(z_t | z_<t): padding adds no term. The tolerance
@@ -176,8 +168,7 @@ def test_the_loss_of_a_padded_batch_is_the_sum_of_the_losses_of_its_sequences_al
 
 
 @pytest.mark.parametrize("family, padding", [
-    ("gpt2", "none"), ("gpt2", "right"), ("gpt2", "left"),
-    ("llama", "none"), ("llama", "right"), ("llama", "left"),
+    ("gpt2", "none"), ("gpt2", "right"), ("gpt2", "left"), ("llama", "none"), ("llama", "right"), ("llama", "left"),
 ])
 def test_per_sequence_gradients_of_a_causal_lm_equal_the_gradient_of_each_sequence_alone(family, padding):
     """DW_n from a padded batch == ∂L(z_n)/∂W of z_n alone (batch of one, no padding), with
@@ -196,14 +187,6 @@ def test_per_sequence_gradients_of_a_causal_lm_equal_the_gradient_of_each_sequen
             torch.testing.assert_close(DW[layer.name][n], expected[layer.name], **EXACT)
 
 
-FLOAT32_LOSS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="objectives._summed_cross_entropy and ClassificationObjective take the cross-entropy of "
-           "logits.float(): a float64 model gets float32 losses and output gradients (relative error ~5e-8)",
-)
-
-
-@FLOAT32_LOSS_BUG
 @pytest.mark.parametrize("family", ["gpt2", "llama", "mlp"])
 def test_output_gradients_of_a_float64_model_are_those_of_a_float64_cross_entropy(family):
     """g_t = ∂L/∂s_t with L = −Σ_t log softmax(z_t)[y_t] evaluated in float64 for a float64 model."""

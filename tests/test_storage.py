@@ -180,7 +180,7 @@ def test_factors_of_another_model_are_refused(small_digits, tmp_path, how):
     ("layer 0 removed", r"layers this model does not have: 0$"),
     ("layer 0 wider", r"layer 0 is 30 × 65 here but 24 × 65 in the factors"),
     ("layer 0 without bias", r"layer 0 is 24 × 64 here but 24 × 65 in the factors"),
-])
+], ids=["layer 0 removed", "layer 0 wider", "layer 0 without bias"])
 def test_factors_of_other_layers_are_refused_naming_the_layer(small_digits, tmp_path, change, message):
     """Factors fitted for layer "0" do not fit a model whose layer 0 is missing or has another O × I."""
     model, train, queries = small_digits
