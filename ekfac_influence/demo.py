@@ -27,11 +27,12 @@ from .scores import top_k
 from .storage import StorageError, atomic_write_text
 
 QUERIES = [
-    # (prompt, completion, topic the answer comes from)
-    ("Assert statements are a convenient way to", " insert debugging assertions into a program", "assert"),
-    ("The while statement is used for", " repeated execution as long as an expression is true", "while"),
-    ("The import statement", " finds a module, loading and initializing it if necessary", "import"),
-    ("The try statement specifies", " exception handlers and/or cleanup code for a group of statements", "try"),
+    # (prompt, completion, the topics that teach the answer: "compound" repeats the text of every
+    # compound statement, "while" and "try" included)
+    ("Assert statements are a convenient way to", " insert debugging assertions into a program", ("assert",)),
+    ("The while statement is used for", " repeated execution as long as an expression is true", ("while", "compound")),
+    ("The import statement", " finds a module, loading and initializing it if necessary", ("import",)),
+    ("The try statement specifies", " exception handlers and/or cleanup code for a group of statements", ("try", "compound")),
 ]
 
 
@@ -151,31 +152,36 @@ def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig = DemoConfig()
         tokens_NT, provenance = tokens_NT[keep], [provenance[i] for i in keep.tolist()]
     distributed.print0(f"corpus: {len(documents)} topics of pydoc_data.topics -> {len(tokens_NT)} sequences of "
                        f"{config.sequence_length} tokens (BPE vocabulary {len(tokenizer)})")
+    timings = {"data": time.time() - started}
     model = build_model(config, len(tokenizer))
     distributed.print0(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama-style LM")
     train(model, tokens_NT, config)
+    timings["train"] = time.time() - started - sum(timings.values())
 
     batches = [{"input_ids": tokens_NT[i : i + config.batch_size]} for i in range(0, len(tokens_NT), config.batch_size)]
     objective = CausalLMObjective()
     factor_config = FactorConfig(strategy="ekfac", seed=config.seed)
     distributed.print0("fitting EK-FAC factors (covariances, eigendecomposition, eigenvalue correction)")
     factors = fit_factors(model, batches, objective, factor_config)
+    timings["fit"] = time.time() - started - sum(timings.values())
     distributed.print0(f"scoring {len(tokens_NT)} training sequences for {len(QUERIES)} queries")
     score_config = ScoreConfig(per_layer=True)
     result = compute_scores(model, factors, [query_batch(tokenizer, QUERIES)], batches, objective, score_config)
     best = top_k(result, top)
+    timings["score"] = time.time() - started - sum(timings.values())
 
     records, fractions = [], []
-    for q, (prompt, completion, topic) in enumerate(QUERIES):
+    for q, (prompt, completion, topics) in enumerate(QUERIES):
         hits = []
         for rank, (index, score) in enumerate(zip(best.positive_indices[q].tolist(), best.positive_scores[q].tolist())):
             hits.append({"rank": rank + 1, "sequence": index, "score": score, "delta_logp": score / result.num_train_sequences,
                          **provenance[index], "text": tokenizer.decode(tokens_NT[index])})
-        fraction = sum(hit["topic"] == topic for hit in hits) / len(hits)
+        fraction = sum(hit["topic"] in topics for hit in hits) / len(hits)
         fractions.append(fraction)
-        records.append({"query": q, "prompt": prompt, "completion": completion, "expected_topic": topic,
+        records.append({"query": q, "prompt": prompt, "completion": completion, "expected_topics": list(topics),
                         "fraction_from_topic": fraction, "top": hits})
-    summary = {"seconds": round(time.time() - started, 1), "num_sequences": len(tokens_NT),
+    summary = {"seconds": round(time.time() - started, 1), "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+               "num_sequences": len(tokens_NT),
                "mean_fraction_from_topic": sum(fractions) / len(fractions), "config": to_dict(config)}
     if distributed.is_main():
         _write_run(out, factors, result, records, summary, factor_config, score_config, overwrite)
@@ -202,9 +208,10 @@ def _write_run(out: Path, factors: Factors, result, records, summary, factor_con
 def _print_results(records, summary, out: Path) -> None:
     for record in records:
         print(f"\nquery {record['query']}: {record['prompt']!r} -> {record['completion']!r}")
-        print(f"  top sequences from topic {record['expected_topic']!r}: {record['fraction_from_topic']:.0%}")
+        print(f"  top sequences from {' or '.join(record['expected_topics'])}: {record['fraction_from_topic']:.0%}")
         for hit in record["top"]:
             snippet = " ".join(hit["text"].split())[:70]
             print(f"  {hit['rank']}. score {hit['score']:+.3e}  [{hit['topic']}]  {snippet}")
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["stage_seconds"].items())
     print(f"\nmean fraction of top sequences from the query's topic: {summary['mean_fraction_from_topic']:.0%}")
-    print(f"finished in {summary['seconds']:.0f} s; results in {out}/ (queries/demo/topk.jsonl)")
+    print(f"finished in {summary['seconds']:.0f} s ({stages}); results in {out}/ (queries/demo/topk.jsonl)")

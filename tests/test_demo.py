@@ -1,0 +1,45 @@
+"""The user's path: `ekfac-influence demo` end to end (a quick variant), and what it leaves on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+import ekfac_influence as ei
+from ekfac_influence.demo import QUERIES
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "ekfac_influence", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_the_quick_demo_runs_from_the_command_line_and_writes_a_complete_run(tmp_path):
+    done = run_cli("demo", "--quick", "--out", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean fraction of top sequences from the query's topic" in done.stdout
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "queries" / "demo" / "topk.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [q[0] for q in QUERIES]
+    for record in records:
+        scores = [hit["score"] for hit in record["top"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 5
+        assert all(hit["topic"] and hit["text"] for hit in record["top"])
+    stored = load_file(str(run / "queries" / "demo" / "scores.safetensors"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert stored["scores"].shape == (len(QUERIES), summary["num_sequences"])
+    factors = ei.Factors.load(run / "factors")
+    assert factors.strategy == "ekfac" and factors.num_sequences == summary["num_sequences"]
+
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    refused = run_cli("demo", "--quick", "--out", "run", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
