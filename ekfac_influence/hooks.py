@@ -87,6 +87,11 @@ def mask_gradient(g_BTO: Tensor, mask_BT: Tensor | None) -> Tensor:
     return g_BTO if mask_BT is None else g_BTO * _check_mask(mask_BT, g_BTO)[..., None]
 
 
+def effective_mask(mask_BT: Tensor | None) -> Tensor | None:
+    """None when every position is real: packed sequences then skip the masking multiplies."""
+    return None if mask_BT is None or bool(mask_BT.all()) else mask_BT
+
+
 def _as_BTX(x: Tensor) -> Tensor:
     if x.dim() == 2:
         return x[:, None, :]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .hooks import Capture, mask_gradient
+from .hooks import Capture, effective_mask, mask_gradient
 from .model import TrackedLayer
 from .objectives import LabelSampler, Objective, batch_size, to_device
 
@@ -87,7 +87,7 @@ def capture_pass(
         if not torch.isfinite(value):
             raise FloatingPointError(f"the {loss} loss of batch {index} is {value.item()}; check the inputs and the model")
         grads = capture.output_gradients(value)
-        mask_BT = objective.token_mask(batch)
+        mask_BT = effective_mask(objective.token_mask(batch))
         acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
         B, T = next(iter(acts.values())).shape[:2]
         yield BatchCapture(

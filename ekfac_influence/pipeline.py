@@ -17,10 +17,11 @@ from .factors import (Factors, LayerFactors, covariance, damping_for, eigendecom
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
 from .passes import capture_pass, evaluation_mode, require_reiterable
-from .precondition import compress, precondition
+from .precondition import LowRank, compress, precondition
 from .scores import ScoreResult, layer_scores
 
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
+_DENSE_QUERY_ELEMENTS = 2**28  # a rank-k query set is expanded to dense only below this size
 
 
 class FactorMismatchError(ValueError):
@@ -262,15 +263,30 @@ def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, 
                              show_progress=show_progress):
         per_layer, tokens = {}, None
         for layer in layers:
-            # ∇log p(z) = −∇L(z): the training-side output gradient is d = −g
-            d_BTO, a_BTI = -item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
-            score_QB, tokens_QBT = layer_scores(preconditioned[layer.name], d_BTO, a_BTI, per_token=config.per_token)
-            per_layer[layer.name] = score_QB.cpu()
+            g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
+            P = _scoring_form(preconditioned, layer.name, g_BTO.shape, a_BTI.shape[-1], config.per_token)
+            score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=config.per_token)
+            # ∇log p(z) = −∇L(z): the kernel ran on g = ∂L/∂s, so the sign flips here, on [Q, B]
+            per_layer[layer.name] = -score_QB.cpu()
             if tokens_QBT is not None:
-                tokens = tokens_QBT if tokens is None else tokens + tokens_QBT
+                tokens = -tokens_QBT if tokens is None else tokens - tokens_QBT
         local[item.index] = (per_layer, None if tokens is None else tokens.cpu())
     merged = distributed.gather_by_key(local)
     return _assemble(merged, [l.name for l in layers], config)
+
+
+def _scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool):
+    """A rank-k query gradient is turned dense once, for good, when the dense kernel is cheaper and fits."""
+    P = preconditioned[name]
+    if not isinstance(P, LowRank) or per_token:
+        return P
+    B, T, O = shape_BTO
+    Q, _, K = P.left_QOK.shape
+    low_rank_flops = Q * B * T * K * (O + I)
+    dense_flops = B * T * O * I + Q * B * O * I
+    if dense_flops < low_rank_flops and Q * O * I <= _DENSE_QUERY_ELEMENTS:
+        preconditioned[name] = P = P.dense()
+    return P
 
 
 def _assemble(merged: dict, names: list[str], config: ScoreConfig) -> ScoreResult:

@@ -7,8 +7,9 @@ With D = ∇log p(z) = −∇L(z) = Σ_t d_t ā_tᵀ (d_t = −g_t):
     per token t       = Σ_ℓ d_tᵀ P_ℓ(q) ā_t      (shown on input token t, which predicts t+1)
     rank-k P = U Vᵀ:    d_tᵀ P ā_t = Σ_k (u_kᵀ d_t)(v_kᵀ ā_t)
 
-Each kernel picks the cheapest contraction: forming the per-sequence O × I gradient
-(B·T·O·I + Q·B·O·I flops) or contracting token by token (Q·B·T·O·I dense, Q·B·T·K·(O + I) low rank).
+Without per-token scores a dense P goes through the per-sequence O × I gradient (B·T·O·I + Q·B·O·I
+flops); per-token scores contract token by token (Q·B·T·O·I); a rank-k P contracts token by token
+(Q·B·T·K·(O + I)). The caller turns a rank-k P dense when that is cheaper and fits in memory.
 """
 
 from __future__ import annotations
@@ -62,10 +63,8 @@ def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token
     I = a_BTI.shape[-1]
     if isinstance(P, LowRank):
         Q, _, K = P.left_QOK.shape
-        if per_token or Q * B * T * K * (O + I) <= B * T * O * I + Q * O * I * (K + B):
-            tokens_QBT = low_rank_token_scores(P, d_BTO, a_BTI)
-            return tokens_QBT.sum(-1), tokens_QBT if per_token else None
-        return dense_sequence_scores(P.dense(), d_BTO, a_BTI), None
+        tokens_QBT = low_rank_token_scores(P, d_BTO, a_BTI)
+        return tokens_QBT.sum(-1), tokens_QBT if per_token else None
     if per_token:
         tokens_QBT = dense_token_scores(P, d_BTO, a_BTI)
         return tokens_QBT.sum(-1), tokens_QBT
