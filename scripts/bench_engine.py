@@ -1,34 +1,42 @@
 """Engine benchmark: EK-FAC fitting and scoring time, each as a ratio to one training epoch.
 
 A tiny Llama (built in code, float32) on real text: Python's own documentation
-(`pydoc_data.topics`), byte-level tokens (vocab 256), packed into N sequences of T tokens.
-In the same run it times
+(`pydoc_data.topics`) as bytes (vocab 256), packed into N training sequences of T tokens. It times
 
-    epoch        forward + backward + AdamW step over the N training sequences (the unit)
-    fit          fit_factors(strategy="ekfac"), and its steps: covariances, eigh, eigenvalue correction
-    score Q=...  compute_scores of the N sequences against Q held-out prompt/completion queries
+    epoch        forward + backward + AdamW step over the N sequences: the unit
+    fit          fit_factors(strategy="ekfac"); then its steps one by one (covariances, eigh, correction)
+    score Q=...  compute_scores of the N sequences for Q held-out prompt/completion queries, Q = 1, 16,
+                 128 at rank 32 and 128 at full rank; the step-by-step split for Q = 16 and Q = 128 rank 32
 
-and prints each stage's seconds, its ratio to the epoch and the aim it is held to (docs/benchmarks.md).
+and prints each stage's seconds, its ratio to the epoch, and the aim it is held to (docs/benchmarks.md).
 
-Run (about 3 minutes on 2 CPU cores; figures go into docs/benchmarks.md):
+Run from the repository root (about 3 minutes on 2 CPU cores; the figures go into docs/benchmarks.md):
 
-    python scripts/bench_engine.py                        # N=256, T=128
-    python scripts/bench_engine.py --quick                # smoke test, under a minute
+    python scripts/bench_engine.py                        # N=256, T=128, every stage twice
+    python scripts/bench_engine.py --quick                # smoke test, about a minute
     python scripts/bench_engine.py --sequences 512 --length 128
-    python scripts/bench_engine.py --profile              # also: where the time of fit and scoring goes
+    python scripts/bench_engine.py --wait-idle 600        # first wait for other processes to leave the CPUs
+    python scripts/bench_engine.py --profile              # also: which operators the fit and scoring spend on
     python scripts/bench_engine.py --device cuda          # on a GPU
 
-The epoch is timed before and after the engine stages (its median is the unit, its spread a sign of
-other load on the machine: the ratios are only as good as that spread is small).
+Protocol. Every timed stage is followed by a timed epoch, and its ratio is taken to the mean of the
+epochs just before and just after it, so that a machine that speeds up or slows down over the run
+(a shared or virtual machine) biases the ratios as little as it can. Each stage runs `--repeats` times;
+the table shows the median and the range of its ratios, and the share of the machine that other
+processes used meanwhile (any other load makes CPU timings unreliable: rerun when it is not 0%).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import inspect
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +45,13 @@ import ekfac_influence as ei
 from ekfac_influence.factors import eigendecompose
 from ekfac_influence.model import select_layers
 from ekfac_influence.passes import evaluation_mode
-from ekfac_influence.pipeline import collect_covariances, correct_eigenvalues
+from ekfac_influence.pipeline import (check_factors_match, collect_covariances, correct_eigenvalues, query_gradients,
+                                      score_training_set)
+from ekfac_influence.precondition import compress, precondition
 
 IGNORE_INDEX = -100
 
-# Aims, in epochs (DESIGN issue: fitting within 3 epochs, 16 queries within 0.9, 128 at rank 32 within 1.2).
+# The aims, in epochs over the same N sequences.
 AIM_FIT, AIM_SCORE_16, AIM_SCORE_128_RANK_32 = 3.0, 0.9, 1.2
 
 
@@ -66,7 +76,7 @@ def train_batches(ids: list[int], num_sequences: int, length: int, batch_size: i
 
 def query_batches(ids: list[int], start: int, num_queries: int, prompt: int, completion: int,
                   batch_size: int) -> list[dict]:
-    """Held-out prompt/completion pairs from the text after the training tokens.
+    """Held-out prompt/completion pairs: consecutive windows of the text after the training tokens.
 
     Labels are −100 on the prompt: the measurement is f = log p(completion | prompt) (DESIGN §1).
     """
@@ -96,6 +106,16 @@ def to_device(batches: list[dict], device: torch.device) -> list[dict]:
     return [{key: value.to(device) for key, value in batch.items()} for batch in batches]
 
 
+def train_epoch(model, optimizer, batches: list[dict]) -> None:
+    """One epoch as a user trains: the HF loss, backward, an AdamW step per batch."""
+    model.train()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -105,26 +125,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def _cpu_ticks() -> tuple[int, int, int] | None:
-    """(all CPU ticks, busy ticks of the machine, ticks of this process) from /proc; None elsewhere than Linux."""
+    """(all CPU ticks, busy ticks of the machine, ticks of this process) from /proc; None off Linux."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
         with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()  # after the command name: field 3 (state) is own[0]
+            own = f.read().rsplit(")", 1)[1].split()  # after the command name; own[0] is field 3 (state)
     except (OSError, ValueError, IndexError):
         return None
     total = sum(fields)
-    return total, total - fields[3] - fields[4], int(own[11]) + int(own[12])  # utime + stime
+    return total, total - fields[3] - fields[4], int(own[11]) + int(own[12])  # utime + stime, all threads
 
 
 @dataclass
 class Timing:
     seconds: float
-    others: float | None  # share of the machine's CPU time used by other processes meanwhile (0-1)
+    others: float | None  # share of the machine's CPU time that other processes used meanwhile (0-1)
 
 
-def timed(fn, device: torch.device) -> tuple[Timing, object]:
-    """(Timing, result) of fn(). `others` says how much other load may have slowed it down."""
+def timed(fn: Callable, device: torch.device) -> tuple[Timing, object]:
+    """(Timing, result) of fn()."""
     synchronize(device)
     before, start = _cpu_ticks(), time.perf_counter()
     result = fn()
@@ -146,14 +166,82 @@ def wait_for_idle(limit_s: float, threshold: float = 0.1) -> None:
     print(f"- the machine did not go idle within {limit_s:.0f} s; timing anyway")
 
 
-def train_epoch(model, optimizer, batches: list[dict]) -> None:
-    """One epoch as a user trains: HF loss, backward, AdamW step."""
-    model.train()
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+@dataclass
+class Measurement:
+    seconds: float  # median over repeats
+    ratios: list[float]  # seconds / the mean of the epochs around each repeat
+    others: float | None  # the most other load seen during the repeats and their epochs
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+
+DISTURBED = 0.1  # other processes using more than this share of the machine make a CPU timing unreliable
+
+
+def _max_others(timings: list[Timing]) -> float | None:
+    seen = [t.others for t in timings if t.others is not None]
+    return max(seen) if seen else None
+
+
+def _disturbed(timings: list[Timing]) -> bool:
+    return any(t.others is not None and t.others > DISTURBED for t in timings)
+
+
+class Bench:
+    """Times stages between epochs; a stage's ratio is to the mean of the epochs just before and after it.
+
+    A run that other processes disturbed (stage or either epoch) is run again, up to `retries` times,
+    after waiting up to `idle_wait` seconds for the machine to go idle and timing a fresh epoch.
+    """
+
+    def __init__(self, epoch_fn: Callable, device: torch.device, retries: int = 2, idle_wait: float = 300):
+        self.epoch_fn, self.device, self.retries, self.idle_wait = epoch_fn, device, retries, idle_wait
+        self.epochs: list[Timing] = []
+        self.reruns = 0
+
+    def epoch(self) -> Timing:
+        timing, _ = timed(self.epoch_fn, self.device)
+        self.epochs.append(timing)
+        return timing
+
+    def _between_epochs(self, fn: Callable) -> tuple[Timing, Timing, Timing, object]:
+        """(epoch before, fn's timing, epoch after, fn's result), rerun while other load disturbs them."""
+        for attempt in range(self.retries + 1):
+            before = self.epochs[-1]
+            timing, result = timed(fn, self.device)
+            after = self.epoch()
+            if attempt == self.retries or not _disturbed([before, timing, after]):
+                return before, timing, after, result
+            self.reruns += 1
+            wait_for_idle(self.idle_wait)
+            self.epoch()
+
+    def stage(self, fn: Callable, repeats: int) -> tuple[Measurement, object]:
+        seconds, ratios, seen, result = [], [], [], None
+        for _ in range(repeats):
+            before, timing, after, result = self._between_epochs(fn)
+            seconds.append(timing.seconds)
+            ratios.append(timing.seconds / ((before.seconds + after.seconds) / 2))
+            seen += [before, timing, after]
+        return Measurement(statistics.median(seconds), ratios, _max_others(seen)), result
+
+    def steps(self, fn: Callable[[], dict[str, Timing]]) -> dict[str, Measurement]:
+        """fn() times its own steps; they share the epochs around the whole call as their unit."""
+        before, _, after, steps = self._between_epochs(fn)
+        unit = (before.seconds + after.seconds) / 2
+        return {name: Measurement(t.seconds, [t.seconds / unit], _max_others([before, t, after]))
+                for name, t in steps.items()}
+
+    def unit(self) -> Measurement:
+        """The median epoch, over the undisturbed epochs when there are any."""
+        clean = [t for t in self.epochs if not _disturbed([t])] or self.epochs
+        median = statistics.median(t.seconds for t in clean)
+        return Measurement(median, [t.seconds / median for t in clean], _max_others(clean))
+
+
+# ----------------------------------------------------------------------------- the stages, step by step
 
 
 def fit_in_steps(model, batches: list[dict], objective, config: ei.FactorConfig, device: torch.device) -> dict:
@@ -161,7 +249,7 @@ def fit_in_steps(model, batches: list[dict], objective, config: ei.FactorConfig,
     layers = select_layers(model, config.layers)
     steps = {}
     with evaluation_mode(model):
-        steps["covariances"], (fitted, _, _) = timed(
+        steps["covariances (a pass)"], (fitted, _, _) = timed(
             lambda: collect_covariances(model, layers, batches, objective, config, show_progress=False), device)
 
         def eigh_all():
@@ -170,50 +258,94 @@ def fit_in_steps(model, batches: list[dict], objective, config: ei.FactorConfig,
                 layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
 
         steps["eigendecomposition"], _ = timed(eigh_all, device)
-        steps["eigenvalue correction"], _ = timed(
+        steps["eigenvalue correction (a pass)"], _ = timed(
             lambda: correct_eigenvalues(model, layers, fitted, batches, objective, config, show_progress=False), device)
     return steps
+
+
+TRAINING_PASS = "training pass"
+
+
+def score_in_steps(model, factors, query_batches: list[dict], batches: list[dict], objective,
+                   config: ei.ScoreConfig, device: torch.device) -> dict:
+    """Timings of the steps of compute_scores: all but the training pass are paid per query, whatever N is."""
+    layers = check_factors_match(factors, model)
+    dtype = getattr(torch, config.compute_dtype)
+    steps = {}
+    with evaluation_mode(model):
+        steps["query gradients"], grads = timed(
+            lambda: query_gradients(model, layers, query_batches, objective, show_progress=False), device)
+        if config.rank is not None and "rank" in inspect.signature(precondition).parameters:
+            steps[f"precondition at rank {config.rank}"], preconditioned = timed(
+                lambda: precondition(grads, factors, dtype, rank=config.rank), device)
+        else:
+            steps["precondition"], preconditioned = timed(lambda: precondition(grads, factors, dtype), device)
+            if config.rank is not None:
+                steps[f"compress to rank {config.rank}"], preconditioned = timed(
+                    lambda: {name: compress(P, config.rank) for name, P in preconditioned.items()}, device)
+        steps[TRAINING_PASS], _ = timed(
+            lambda: score_training_set(model, layers, preconditioned, batches, objective, config, show_progress=False),
+            device)
+    return steps
+
+
+def break_even(label: str, steps: dict[str, Measurement], num_sequences: int, aim: float) -> str:
+    """From which N a scoring stage meets its aim: per-query work is fixed, the training pass grows with N."""
+    fixed = sum(m.seconds for name, m in steps.items() if name != TRAINING_PASS)
+    pass_ratio = steps[TRAINING_PASS].ratio  # epochs per epoch: the same at every N
+    epoch = steps[TRAINING_PASS].seconds / pass_ratio
+    head = (f"- {label}: {fixed:.2f} s of per-query work (independent of N) + a training pass of {pass_ratio:.2f} "
+            f"epochs; the aim of {aim:g} epochs is met ")
+    if pass_ratio >= aim:
+        return head + f"at no N (the training pass alone, {pass_ratio:.3f} epochs, is not under it)"
+    return head + f"from N ≈ {fixed / ((aim - pass_ratio) * epoch / num_sequences):,.0f} sequences of this length"
+
+
+# ----------------------------------------------------------------------------- report
 
 
 @dataclass
 class Row:
     stage: str
-    timing: Timing
+    measurement: Measurement
     aim: float | None = None  # in epochs
     step: bool = False  # a step of the stage above
 
 
-def print_table(rows: list[Row], epoch: float) -> None:
-    print("| stage | seconds | × epoch | aim | met | other load |")
-    print("| --- | ---: | ---: | ---: | --- | ---: |")
+def print_table(rows: list[Row]) -> None:
+    print("| stage | seconds | × epoch | range | aim | met | other load |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
     for row in rows:
-        ratio = row.timing.seconds / epoch
+        m = row.measurement
+        spread = f"{min(m.ratios):.2f}-{max(m.ratios):.2f}" if len(m.ratios) > 1 else ""
         aim = "" if row.aim is None else f"≤ {row.aim:g}"
-        met = "" if row.aim is None else ("yes" if ratio <= row.aim else "**no**")
-        others = "?" if row.timing.others is None else f"{100 * row.timing.others:.0f}%"
+        met = "" if row.aim is None else ("yes" if m.ratio <= row.aim else "**no**")
+        if met and m.others is not None and m.others > DISTURBED:
+            met += " (disturbed)"
+        others = "?" if m.others is None else f"{100 * m.others:.0f}%"
         stage = ("&nbsp;&nbsp;↳ " if row.step else "") + row.stage
-        print(f"| {stage} | {row.timing.seconds:.2f} | {ratio:.2f} | {aim} | {met} | {others} |")
-    print("\nother load: share of the machine's CPU time that other processes used during the stage "
-          "(0% = the stage had the machine to itself).")
+        print(f"| {stage} | {m.seconds:.2f} | {m.ratio:.2f} | {spread} | {aim} | {met} | {others} |")
 
 
-def profile(label: str, fn, rows: int) -> None:
+def profile(label: str, fn: Callable, rows: int = 20) -> None:
     """torch.profiler's table of the operators that took the most time (self CPU) in fn()."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         fn()
     print(f"\n### profile: {label}\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                             max_name_column_width=36, max_shapes_column_width=48))
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parts = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(description=parts[0], epilog="\n\n".join(parts[4:6]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequences", type=int, default=256, help="N training sequences (default 256)")
     parser.add_argument("--length", type=int, default=128, help="T tokens per training sequence (default 128)")
@@ -221,42 +353,61 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--query-batch-size", type=int, default=16, help="queries per batch (default 16)")
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per query (default 64)")
     parser.add_argument("--completion", type=int, default=32, help="completion tokens per query (default 32)")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--hidden", type=int, default=128, help="Llama hidden size (default 128)")
+    parser.add_argument("--intermediate", type=int, default=512, help="Llama MLP size (default 512)")
+    parser.add_argument("--layers", type=int, default=4, help="Llama blocks (default 4)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="(default sdpa)")
     parser.add_argument("--rank", type=int, default=32, help="rank of the compressed query gradients (default 32)")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs before the engine stages (default 3)")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step fit")
+    parser.add_argument("--repeats", type=int, default=2, help="times each stage runs (default 2)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help=f"reruns of a stage that other processes disturbed (over {100 * DISTURBED:.0f}%% of the machine; "
+                             "default 2)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step fit and scoring")
     parser.add_argument("--no-full-rank-128", action="store_true", help="skip Q=128 at full rank")
-    parser.add_argument("--profile", action="store_true", help="also profile one fit and the Q=128 rank-k scoring")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--profile", action="store_true", help="then profile one fit and one Q=128 rank-k scoring")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="first wait up to S seconds for other processes to leave the CPUs idle")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="N=64, T=64, one timed epoch: a smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="N=64, T=64, each stage once: a smoke test")
     args = parser.parse_args()
     if args.quick:
-        args.sequences, args.length, args.epochs = 64, 64, 1
+        args.sequences, args.length, args.repeats = 64, 64, 1
     return args
+
+
+def package_version() -> str:
+    """ekfac_influence's version, and the git commit of the checkout it runs from (+ "dirty" when edited)."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(ei.__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=where, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"ekfac_influence {ei.__version__}" + (f" (commit {commit}{', edited' if dirty else ''})" if commit else "")
 
 
 def describe(args, device: torch.device, model, tracked) -> None:
     import transformers
 
-    shapes = ", ".join(sorted({f"{l.out_features}×{l.in_dim}" for l in tracked}))
+    shapes = ", ".join(sorted({f"{layer.out_features}×{layer.in_dim}" for layer in tracked}))
     print("## Engine benchmark (scripts/bench_engine.py)\n")
-    print(f"- {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, transformers {transformers.__version__}, "
+    print(f"- {time.strftime('%Y-%m-%d %H:%M')}; {package_version()}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, "
           f"python {platform.python_version()}; device {device}, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPU cores")
     print(f"- model: Llama, hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, {args.heads} "
           f"heads, vocab 256, float32, attention {args.attention}; {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters; tracked: {len(tracked)} MLP linears (O×I {shapes}), {sum(l.num_params for l in tracked):,} "
-          "parameters")
+          f"parameters; tracked: {len(tracked)} MLP linears (O×I {shapes}), "
+          f"{sum(layer.num_params for layer in tracked):,} parameters")
     print(f"- data: pydoc_data.topics as bytes, N={args.sequences} sequences × T={args.length} tokens, batches of "
           f"{args.batch_size}; queries: held-out {args.prompt}-token prompt + {args.completion}-token completion, "
-          f"batches of {args.query_batch_size}")
+          f"batches of {args.query_batch_size}; each stage run {args.repeats}×")
     print(f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 
@@ -276,7 +427,7 @@ def main() -> None:
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
 
-    # Warm-up: kernels, allocator and lazy imports of every code path, on two batches.
+    # Warm-up on two batches: kernels, allocator and lazy imports of every code path.
     trainee = copy.deepcopy(model)  # trained by the timed epochs; `model` stays as the factors saw it
     optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
     train_epoch(trainee, optimizer, train[:2])
@@ -285,39 +436,51 @@ def main() -> None:
         ei.compute_scores(model, small, queries[16][:1], train[:2], objective, ei.ScoreConfig(rank=rank),
                           show_progress=False)
 
-    epochs = [timed(lambda: train_epoch(trainee, optimizer, train), device)[0] for _ in range(args.epochs)]
-    print(f"- epochs before the engine stages: {' '.join(f'{e.seconds:.2f}' for e in epochs)} s", flush=True)
-
-    rows = []
-    fit, factors = timed(lambda: ei.fit_factors(model, train, objective, factor_config, show_progress=False), device)
+    bench = Bench(lambda: train_epoch(trainee, optimizer, train), device, args.retries,
+                  idle_wait=max(args.wait_idle, 60))
+    bench.epoch()
+    bench.epoch()
+    rows, break_evens = [], []
+    fit, factors = bench.stage(
+        lambda: ei.fit_factors(model, train, objective, factor_config, show_progress=False), args.repeats)
     rows.append(Row("fit_factors (ekfac)", fit, AIM_FIT))
     if not args.no_breakdown:
-        steps = fit_in_steps(model, train, objective, factor_config, device)
-        rows += [Row(name, timing, step=True) for name, timing in steps.items()]
+        steps = bench.steps(lambda: fit_in_steps(model, train, objective, factor_config, device))
+        rows += [Row(name, m, step=True) for name, m in steps.items()]
 
     score_runs = [("score Q=1", 1, None, None), ("score Q=16", 16, None, AIM_SCORE_16),
                   (f"score Q=128, rank {args.rank}", 128, args.rank, AIM_SCORE_128_RANK_32)]
     if not args.no_full_rank_128:
         score_runs.append(("score Q=128, full rank", 128, None, None))
     for label, num_queries, rank, aim in score_runs:
-        timing, _ = timed(lambda: ei.compute_scores(model, factors, queries[num_queries], train, objective,
-                                                    ei.ScoreConfig(rank=rank), show_progress=False), device)
-        rows.append(Row(label, timing, aim))
+        config = ei.ScoreConfig(rank=rank)
+        run = functools.partial(ei.compute_scores, model, factors, queries[num_queries], train, objective, config,
+                                show_progress=False)
+        rows.append(Row(label, bench.stage(run, args.repeats)[0], aim))
+        if aim is not None and not args.no_breakdown:
+            steps = bench.steps(lambda: score_in_steps(model, factors, queries[num_queries], train, objective, config,
+                                                       device))
+            rows += [Row(name, m, step=True) for name, m in steps.items()]
+            break_evens.append(break_even(label, steps, args.sequences, aim))
 
-    epochs.append(timed(lambda: train_epoch(trainee, optimizer, train), device)[0])
-    median = sorted(epochs, key=lambda e: e.seconds)[len(epochs) // 2]
-    print(f"- epoch after the engine stages: {epochs[-1].seconds:.2f} s; the unit is the median of {len(epochs)} "
-          f"epochs: {median.seconds:.2f} s (range {min(e.seconds for e in epochs):.2f}-"
-          f"{max(e.seconds for e in epochs):.2f} s)")
+    unit = bench.unit()
+    print(f"- epochs, in the order run: {' '.join(f'{t.seconds:.2f}' for t in bench.epochs)} s; the table's seconds "
+          f"are medians, its ratios are to the epochs around each run; {bench.reruns} run(s) repeated for other load")
     print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print_table([Row("epoch (forward + backward + AdamW)", median)] + rows, median.seconds)
+    print_table([Row("epoch (forward + backward + AdamW)", unit)] + rows)
+    print("\nrange: the ratio of each repeat. other load: the most CPU that other processes used during a repeat "
+          "or its epochs, as a share of the machine (0% = it had the machine to itself; over "
+          f"{DISTURBED:.0%} = disturbed, the ratio is unreliable).")
+    if break_evens:
+        print("\nPer-query work is paid once, whatever N; the training pass grows with N like an epoch does:\n")
+        print("\n".join(break_evens))
 
     if args.profile:
-        profile("fit_factors (ekfac)",
-                lambda: ei.fit_factors(model, train, objective, factor_config, show_progress=False), rows=20)
+        profile("fit_factors (ekfac)", lambda: ei.fit_factors(model, train, objective, factor_config,
+                                                              show_progress=False))
         profile(f"compute_scores Q=128, rank {args.rank}",
                 lambda: ei.compute_scores(model, factors, queries[128], train, objective, ei.ScoreConfig(rank=args.rank),
-                                          show_progress=False), rows=20)
+                                          show_progress=False))
 
 
 if __name__ == "__main__":
