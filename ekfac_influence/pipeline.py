@@ -244,10 +244,10 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
             preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
                                                    show_progress=show_progress)
             preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
+            if config.rank is not None:
+                preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
         else:
-            preconditioned = precondition(grads, factors, dtype)
-        if config.rank is not None:
-            preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
+            preconditioned = precondition(grads, factors, dtype, rank=config.rank)
         result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
                                     show_progress=show_progress)
     result.num_train_sequences = factors.num_sequences

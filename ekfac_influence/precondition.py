@@ -51,16 +51,36 @@ def exact_inverse_product(grads: dict[str, Tensor], factors: Factors) -> dict[st
     return out
 
 
-def precondition(grads: dict[str, Tensor], factors: Factors, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """P(∇f) for every layer. grads: {layer: V_QOI}."""
+def precondition(grads: dict[str, Tensor], factors: Factors, dtype: torch.dtype = torch.float32,
+                 rank: int | None = None) -> dict[str, "Tensor | LowRank"]:
+    """P(∇f) for every layer. grads: {layer: V_QOI}. With `rank`, each P is kept as its rank-k truncation."""
     if factors.strategy == "exact":
-        return {name: value.to(dtype) for name, value in exact_inverse_product(grads, factors).items()}
+        out = {name: value.to(dtype) for name, value in exact_inverse_product(grads, factors).items()}
+        return out if rank is None else {name: compress(P, rank) for name, P in out.items()}
     out = {}
     for layer in factors.layers:
         V_QOI = grads[layer.name].to(dtype)
         moved = layer.to(dtype, V_QOI.device)
-        out[layer.name] = layer_inverse_product(V_QOI, moved, factors.strategy)
+        if rank is not None and factors.strategy in ("kfac", "ekfac"):
+            out[layer.name] = eigenbasis_low_rank(V_QOI, moved.QS_OO, moved.QA_II, moved.lambda_OI, moved.damping, rank)
+        else:
+            P_QOI = layer_inverse_product(V_QOI, moved, factors.strategy)
+            out[layer.name] = P_QOI if rank is None else compress(P_QOI, rank)
     return out
+
+
+def eigenbasis_low_rank(V_QOI: Tensor, QS_OO: Tensor, QA_II: Tensor, lambda_OI: Tensor, damping: float,
+                        rank: int) -> "Tensor | LowRank":
+    """The rank-k truncation of P = Q_S X Q_Aᵀ, X = (Q_Sᵀ V Q_A) ⊘ (Λ + λ), without forming P.
+
+    Orthogonal factors leave singular values alone: if X ≈ U_k Σ_k V_kᵀ then P ≈ (Q_S U_k Σ_k)(Q_A V_k)ᵀ
+    is P's own best rank-k approximation. Saves the rotation back (O²·I + O·I² per query) for O²·k + I²·k.
+    """
+    X_QOI = (QS_OO.T @ V_QOI @ QA_II) / (lambda_OI + damping)
+    low = compress(X_QOI, rank)
+    if not isinstance(low, LowRank):  # k ≥ min(O, I): nothing to truncate
+        return QS_OO @ low @ QA_II.T
+    return LowRank(QS_OO @ low.left_QOK, QA_II @ low.right_QIK)
 
 
 @dataclass

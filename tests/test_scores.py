@@ -172,3 +172,16 @@ def test_bad_config_values_name_the_field():
         ei.FactorConfig(damping=0.0)
     with pytest.raises(ei.ConfigError, match="rank"):
         ei.ScoreConfig(rank=0)
+
+
+def test_truncating_in_the_eigenbasis_gives_the_best_rank_k_approximation_of_the_preconditioned_gradient():
+    """P = Q_S X Q_Aᵀ with orthogonal Q: the rank-k truncation of X, rotated, is P's own (Eckart-Young)."""
+    from ekfac_influence.precondition import eigenbasis_inverse_product, eigenbasis_low_rank
+
+    generator = torch.Generator().manual_seed(3)
+    QS = torch.linalg.qr(torch.randn(9, 9, generator=generator, dtype=torch.float64))[0]
+    QA = torch.linalg.qr(torch.randn(7, 7, generator=generator, dtype=torch.float64))[0]
+    lambda_OI = torch.rand(9, 7, generator=generator, dtype=torch.float64)
+    V = torch.randn(2, 9, 7, generator=generator, dtype=torch.float64)
+    full = eigenbasis_inverse_product(V, QS, QA, lambda_OI, 0.1)
+    assert_close(eigenbasis_low_rank(V, QS, QA, lambda_OI, 0.1, 3).dense(), compress(full, 3).dense())
