@@ -27,16 +27,6 @@ EXACT = dict(rtol=0.0, atol=1e-10)
 GPT2_LAYERS = (r"mlp\.c_fc", r"mlp\.c_proj", r"attn\.c_attn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and two threads on two busy cores make every
-    op wait on a descheduled peer (hundreds of times slower): run this module on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- a hand-built model
 
 

@@ -27,16 +27,6 @@ STRATEGIES = ["ekfac", "kfac", "diagonal", "identity", "exact", "lissa"]
 SAME_SCORES = dict(rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and two threads on two busy cores make every
-    op wait on a descheduled peer (hundreds of times slower): run this module on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def small_digits(digits):
     """(trained MLP, 300 training digits in 3 batches, 10 query digits): enough to fit every strategy."""
