@@ -22,6 +22,7 @@ from .scores import ScoreResult, layer_scores
 
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
 _DENSE_QUERY_ELEMENTS = 2**28  # a rank-k query set is expanded to dense only below this size
+_GROUP_ELEMENTS = 2**26  # per-sequence gradients buffered before one product with every dense query gradient
 
 
 class FactorMismatchError(ValueError):
@@ -256,23 +257,55 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
 
 def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,
                        objective: Objective, config: ScoreConfig, *, show_progress: bool = True) -> ScoreResult:
-    """One pass over the training batches; every stored query is scored from the same backward."""
+    """One pass over the training batches; every stored query is scored from the same backward.
+
+    Dense query gradients meet the per-sequence gradients D_BOI of several batches in one product
+    (up to _GROUP_ELEMENTS buffered): with small batches, [Q, O·I] × [O·I, B] is bound by reading P.
+    Layers whose D_BOI is large (big models) are scored batch by batch, as memory allows.
+    """
     dtype = getattr(torch, config.compute_dtype)
-    local = {}
+    local, pending, buffered = {}, [], 0
     for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="scores",
                              show_progress=show_progress):
-        per_layer, tokens = {}, None
+        per_layer, tokens, grouped = {}, None, {}
         for layer in layers:
             g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
             P = _scoring_form(preconditioned, layer.name, g_BTO.shape, a_BTI.shape[-1], config.per_token)
+            if isinstance(P, Tensor) and not config.per_token and _groupable(g_BTO, a_BTI, len(layers)):
+                grouped[layer.name] = sequence_gradients(g_BTO, a_BTI)
+                continue
             score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=config.per_token)
             # ∇log p(z) = −∇L(z): the kernel ran on g = ∂L/∂s, so the sign flips here, on [Q, B]
             per_layer[layer.name] = -score_QB.cpu()
             if tokens_QBT is not None:
                 tokens = -tokens_QBT if tokens is None else tokens - tokens_QBT
         local[item.index] = (per_layer, None if tokens is None else tokens.cpu())
+        if grouped:
+            pending.append((item.index, grouped))
+            buffered += sum(D_BOI.numel() for D_BOI in grouped.values())
+            if buffered >= _GROUP_ELEMENTS:
+                _score_group(pending, preconditioned, local)
+                buffered = 0
+    _score_group(pending, preconditioned, local)
     merged = distributed.gather_by_key(local)
     return _assemble(merged, [l.name for l in layers], config)
+
+
+def _groupable(g_BTO: Tensor, a_BTI: Tensor, num_layers: int) -> bool:
+    """Buffer only small per-sequence gradients: a batch's, over every layer, within 1/4 of the budget."""
+    return g_BTO.shape[0] * g_BTO.shape[-1] * a_BTI.shape[-1] * num_layers <= _GROUP_ELEMENTS // 4
+
+
+def _score_group(pending: list, preconditioned: dict, local: dict) -> None:
+    """score_QB = −⟨P_q, D_b⟩ for every buffered batch, one product per layer; empties `pending`."""
+    names = dict.fromkeys(name for _, grouped in pending for name in grouped)
+    for name in names:
+        parts = [(index, grouped[name]) for index, grouped in pending if name in grouped]
+        D_GOI = torch.cat([D_BOI for _, D_BOI in parts])
+        score_QG = -(preconditioned[name].flatten(1) @ D_GOI.flatten(1).T).cpu()
+        for (index, D_BOI), score_QB in zip(parts, score_QG.split([D.shape[0] for _, D in parts], dim=1)):
+            local[index][0][name] = score_QB
+    pending.clear()
 
 
 def _scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool):

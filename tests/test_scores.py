@@ -185,3 +185,27 @@ def test_truncating_in_the_eigenbasis_gives_the_best_rank_k_approximation_of_the
     V = torch.randn(2, 9, 7, generator=generator, dtype=torch.float64)
     full = eigenbasis_inverse_product(V, QS, QA, lambda_OI, 0.1)
     assert_close(eigenbasis_low_rank(V, QS, QA, lambda_OI, 0.1, 3).dense(), compress(full, 3).dense())
+
+
+@pytest.mark.parametrize("budget, flushes", [(1, 0), (24576, 2), (2**26, 1)], ids=["no-grouping", "mid-pass", "whole-pass"])
+def test_grouping_per_sequence_gradients_before_the_query_product_changes_no_score(fitted, monkeypatch, budget, flushes):
+    """Per-sequence gradients scored batch by batch, flushed every 4 batches of 2, or once at the end: same scores.
+
+    Budget 24,576 elements: a batch of 2 holds 2 × 512 × 6 layers = 6,144, so 4 batches fill it.
+    """
+    import ekfac_influence.pipeline as pipeline
+
+    model, factors, _, objective = fitted
+    train = lm_batches(char_sequences(16, 20), 2)
+    reference = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective,
+                                  ei.ScoreConfig(per_token=True, compute_dtype="float64"), show_progress=False)
+    calls = []
+    original = pipeline._score_group
+    monkeypatch.setattr(pipeline, "_GROUP_ELEMENTS", budget)
+    monkeypatch.setattr(pipeline, "_score_group", lambda pending, *rest: (calls.append(len(pending)) if pending else None,
+                                                                          original(pending, *rest)))
+    grouped = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective, FLOAT64, show_progress=False)
+    assert sum(1 for size in calls if size) == flushes
+    assert_close(grouped.scores, reference.scores)
+    for name in factors.layer_names:
+        assert_close(grouped.per_layer[name], reference.per_layer[name])
