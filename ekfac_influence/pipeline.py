@@ -16,7 +16,7 @@ from .factors import (Factors, LayerFactors, covariance, damping_for, eigendecom
                       sequence_gradients)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
-from .passes import capture_pass, evaluation_mode, require_reiterable
+from .passes import capture_pass, device_of, evaluation_mode, require_reiterable
 from .precondition import LowRank, compress, precondition
 from .scores import ScoreResult, layer_scores
 
@@ -100,8 +100,8 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
             S_OO = covariance(item.grads[layer.name].flatten(0, 1))
             sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
             sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
-    tensors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim)) for l in layers]
-               + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features)) for l in layers])
+    tensors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model) for l in layers]
+               + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features), model) for l in layers])
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
     return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens, S_OO=sums_S[l.name] / num_tokens)
             for l in layers], num_sequences, num_tokens
@@ -123,7 +123,7 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
                 lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
                 g_BTO, _work(item.acts[layer.name]), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
-    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim)) for l in layers]
+    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, _ = _reduce_counts(tensors, num_sequences, 0)
     for layer in layers:
         by_name[layer.name].lambda_OI = sums[layer.name] / num_sequences
@@ -142,7 +142,7 @@ def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, conf
             part_OI = _sum_over_sequences(lambda g, a: sequence_gradients(g, a).square(),
                                           _work(item.grads[layer.name]), _work(item.acts[layer.name]), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
-    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim)) for l in layers]
+    tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
     return [LayerFactors(l.name, l.out_features, l.in_dim, lambda_OI=sums[l.name] / num_sequences) for l in layers], \
         num_sequences, num_tokens
@@ -182,9 +182,10 @@ def _work(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _zeros_if_none(sums: dict, name: str, shape) -> Tensor:
+def _zeros_if_none(sums: dict, name: str, shape, model) -> Tensor:
     if sums[name] is None:  # this process got no batch (fewer batches than processes)
-        sums[name] = torch.zeros(shape, dtype=torch.float64)
+        # on the model's device, like the other processes' sums, so that every rank reduces the same group
+        sums[name] = torch.zeros(shape, dtype=torch.float64, device=device_of(model))
     return sums[name]
 
 
