@@ -101,6 +101,61 @@ class ScoreConfig:
         _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
 
 
+CANDIDATES = ("all", "shortlist")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """How prompt/completion queries are answered over a packed training corpus."""
+
+    rank: int | None = 32
+    """Rank-k compression of each preconditioned query gradient in the shared scan (None = full rank)."""
+
+    rerank: int = 50
+    """Rescore each query's `rerank` most positive and most negative candidates with full-rank query
+    gradients (the second stage); 0 = keep the scan's scores."""
+
+    top_k: int = 10
+    """Most positive and most negative sequences returned per query, with per-layer and per-token detail."""
+
+    candidates: str = "all"
+    """Training sequences scored: all, or a per-query BM25 shortlist (needs an index)."""
+
+    shortlist_k: int = 10_000
+    """Candidates per query taken from the shortlist."""
+
+    batch_size: int = 8
+    """Training sequences per forward/backward in the scan."""
+
+    query_batch_size: int = 16
+    """Query rows per gradient batch."""
+
+    num_workers: int = 0
+    """DataLoader worker processes reading training sequences."""
+
+    max_new_tokens: int = 32
+    """Length bound of a greedy completion generated for a query that gives none."""
+
+    spurious_threshold: float = 2 / 3
+    """A sequence is flagged spurious when its token influences a satisfy ‖a‖₂/‖a‖₁ > this (extremely sparse)."""
+
+    compute_dtype: str = "float32"
+    """dtype of the preconditioning and score kernels."""
+
+    def __post_init__(self) -> None:
+        _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")
+        _require(self.rerank >= 0, "rerank", f"must be >= 0, got {self.rerank}")
+        _require(self.top_k > 0, "top_k", f"must be > 0, got {self.top_k}")
+        _require(self.candidates in CANDIDATES, "candidates", f"{self.candidates!r} is not one of {', '.join(CANDIDATES)}")
+        _require(self.shortlist_k > 0, "shortlist_k", f"must be > 0, got {self.shortlist_k}")
+        _require(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.query_batch_size > 0, "query_batch_size", f"must be > 0, got {self.query_batch_size}")
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require(0 < self.spurious_threshold <= 1, "spurious_threshold", f"must be in (0, 1], got {self.spurious_threshold}")
+        _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
+
+
 def to_dict(config) -> dict:
     """Plain-JSON form of a stage config (saved beside every output)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -112,3 +112,61 @@ def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> s
     if layers is not None:
         digest.update(json.dumps([[l.name, l.out_features, l.in_dim] for l in layers]).encode())
     return digest.hexdigest()[:16]
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer path that cannot be loaded; the message says why."""
+
+
+def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer) from a local Hugging Face directory (`save_pretrained`) or a GGUF file.
+
+    Never downloads: a name that is not a local path is refused. GGUF weights are dequantized to
+    `dtype` by transformers (needs the `gguf` package). The model is returned in eval mode.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model {path} does not exist; give a save_pretrained directory or a .gguf file")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"model {path} is a file but not .gguf; give a save_pretrained directory or a .gguf file")
+    directory, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
+    if not extra and not (directory / "config.json").exists():
+        ggufs = sorted(directory.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelLoadError(f"{directory} has no config.json (not a save_pretrained directory)"
+                                 + (f" and {len(ggufs)} .gguf files; name one" if ggufs else ""))
+        extra = {"gguf_file": ggufs[0].name}
+    if extra:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("loading a GGUF file needs the gguf package: pip install gguf") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {error}") from None
+    torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch_dtype, **extra)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a causal LM from {path}: {error}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ModelLoadError(f"the tokenizer at {path} has {len(tokenizer)} tokens but the model's embedding has "
+                             f"{model.get_input_embeddings().num_embeddings}: they do not belong together")
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def context_length(model: nn.Module, default: int = 2048) -> int:
+    """The longest sequence the model accepts (max_position_embeddings or n_positions)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default

@@ -167,3 +167,22 @@ def digits():
     train = [(X[i : i + 100], y[i : i + 100]) for i in range(0, 1000, 100)]
     queries = [(X[1500:1530], y[1500:1530])]
     return model.eval(), train, queries
+
+
+@functools.lru_cache(maxsize=None)
+def bpe_tokenizer(vocab_size: int = 300, topics: int = 12):
+    """A byte-level BPE tokenizer trained in memory on the first `topics` pydoc topics (EOS = <pad>)."""
+    from ekfac_influence.demo import pydoc_documents, train_tokenizer
+
+    tokenizer = train_tokenizer([text for _, text in pydoc_documents()[:topics]], vocab_size)
+    tokenizer.add_special_tokens({"eos_token": "<pad>"})
+    return tokenizer
+
+
+def corpus_batches(corpus, batch_size: int) -> list[dict]:
+    """Training batches (input_ids, attention_mask) over a PackedCorpus, in order."""
+    ids = torch.from_numpy(corpus.tokens_NT.astype("int64"))
+    lengths = torch.from_numpy(corpus.lengths_N)
+    mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+    return [{"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size]}
+            for i in range(0, len(ids), batch_size)]

@@ -1,0 +1,393 @@
+"""Corpora and queries as token ids: reading, packing, provenance, and the prompt/completion boundary.
+
+Shapes: N sequences, T positions (the packed length), R query rows (a contrastive query has two).
+
+A corpus is read with `datasets` (JSONL, text, parquet, CSV, or a `save_to_disk` directory), each
+document tokenized on its own and followed by EOS, the documents concatenated and cut into sequences
+of `length` tokens, as causal LMs are pretrained. The last, shorter sequence is kept and padded.
+Every sequence keeps its provenance: the pieces of documents it holds, each with the document id,
+the dataset row, the token span inside the sequence and the character span inside the document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
+TOKENS_FILE, PROVENANCE_FILE, MANIFEST_FILE = "tokens.bin", "provenance.jsonl", "manifest.json"
+
+
+class DataError(ValueError):
+    """A corpus or query that cannot be used; the message says what, where, and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def load_corpus(path, *, text_column: str = "text", split: str = "train"):
+    """A `datasets.Dataset` from a file, a directory of files of one format, or a saved dataset."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"corpus {path} does not exist")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise DataError(f"saved dataset {path} has splits {list(dataset)}, not {split!r}; set the split")
+            dataset = dataset[split]
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix in FORMATS) if path.is_dir() else [path]
+        if not files:
+            raise DataError(f"{path} holds no corpus file ({', '.join(FORMATS)})")
+        kinds = {FORMATS.get(p.suffix) for p in files}
+        if None in kinds or len(kinds) > 1:
+            raise DataError(f"corpus files must share one of the formats {', '.join(FORMATS)}; got "
+                            f"{', '.join(sorted({p.suffix or '(no suffix)' for p in files}))}")
+        dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    if text_column not in dataset.column_names:
+        raise DataError(f"corpus {path} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
+                        f"set the text column")
+    if len(dataset) == 0:
+        raise DataError(f"corpus {path} is empty")
+    return dataset
+
+
+@dataclass
+class PackedCorpus:
+    """Fixed-length training sequences and where each came from.
+
+    tokens_NT: int32 token ids (a read-only memory map once saved); lengths_N: real tokens per
+    sequence (the rest is padding); provenance[n]: the document pieces of sequence n.
+    """
+
+    tokens_NT: np.ndarray
+    lengths_N: np.ndarray
+    provenance: list[list[dict]]
+    pad_token_id: int
+    tokenizer_id: str
+    corpus_id: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens_NT)
+
+    @property
+    def length(self) -> int:
+        return self.tokens_NT.shape[1]
+
+    def sequences(self) -> Iterator[np.ndarray]:
+        """Each sequence's real tokens (for the shortlist index)."""
+        for row, n in zip(self.tokens_NT, self.lengths_N):
+            yield row[:n]
+
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """tokens.bin (raw int32, N × T), provenance.jsonl, manifest.json with checksums; atomic."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            np.ascontiguousarray(self.tokens_NT, dtype=np.int32).tofile(tmp / TOKENS_FILE)
+            with open(tmp / PROVENANCE_FILE, "w") as handle:
+                for n, pieces in enumerate(self.provenance):
+                    handle.write(json.dumps({"sequence": n, "length": int(self.lengths_N[n]), "pieces": pieces}) + "\n")
+            self.corpus_id = _write_manifest(tmp, len(self), self.length, self.pad_token_id, self.tokenizer_id, self.meta)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path, *, tokenizer_id: str | None = None) -> "PackedCorpus":
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.exists():
+            raise DataError(f"{path} is not a packed corpus (no {MANIFEST_FILE}); pack the corpus first")
+        manifest = json.loads(manifest_path.read_text())
+        for name, expected in manifest["checksums"].items():
+            if not (path / name).exists() or _sha256(path / name) != expected:
+                raise DataError(f"{path / name} is missing or does not match its checksum; the corpus is corrupted, "
+                                f"pack it again")
+        if tokenizer_id is not None and tokenizer_id != manifest["tokenizer_id"]:
+            raise DataError(f"corpus {path} was tokenized by another tokenizer ({manifest['tokenizer_id']}, this one "
+                            f"is {tokenizer_id}); pack it again with this model's tokenizer")
+        N, T = manifest["num_sequences"], manifest["length"]
+        tokens = np.memmap(path / TOKENS_FILE, dtype=np.int32, mode="r", shape=(N, T))
+        lengths, provenance = np.empty(N, dtype=np.int64), []
+        with open(path / PROVENANCE_FILE) as handle:
+            for n, line in enumerate(handle):
+                record = json.loads(line)
+                lengths[n] = record["length"]
+                provenance.append(record["pieces"])
+        return cls(tokens, lengths, provenance, manifest["pad_token_id"], manifest["tokenizer_id"],
+                   manifest["corpus_id"], manifest.get("meta", {}))
+
+
+def tokenizer_id(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary and special tokens."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]).encode())
+    return digest.hexdigest()[:16]
+
+
+def pad_token_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0  # pragma: no cover
+
+
+def pack(documents: Iterable[tuple[str, str]], tokenizer, *, length: int = 512, add_eos: bool = True,
+         show_progress: bool = False, total: int | None = None) -> PackedCorpus:
+    """Concatenate the documents (each followed by EOS) and cut the stream into `length`-token sequences.
+
+    documents: (document id, text) pairs. Empty documents are skipped (their id appears nowhere).
+    Held in memory; `pack_to_disk` streams a corpus of any size to a directory instead.
+    """
+    rows, lengths, provenance = [], [], []
+    for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, show_progress, total):
+        rows.append(np.asarray(ids, dtype=np.int32)), lengths.append(real), provenance.append(pieces)
+    tokens_NT = np.stack(rows)
+    return PackedCorpus(tokens_NT, np.asarray(lengths, dtype=np.int64), provenance, pad_token_id(tokenizer),
+                        tokenizer_id(tokenizer), hashlib.sha256(tokens_NT.tobytes()).hexdigest()[:16])
+
+
+def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, length: int = 512, add_eos: bool = True,
+                 overwrite: bool = False, show_progress: bool = False, total: int | None = None,
+                 meta: dict | None = None) -> PackedCorpus:
+    """`pack`, written row by row into the corpus directory `path` (atomic); memory stays one row."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        count = 0
+        with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / PROVENANCE_FILE, "w") as prov:
+            for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, show_progress, total):
+                tokens.write(np.asarray(ids, dtype=np.int32).tobytes())
+                prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
+                count += 1
+        _write_manifest(tmp, count, length, pad_token_id(tokenizer), tokenizer_id(tokenizer), meta or {})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PackedCorpus.load(path)
+
+
+def _write_manifest(directory: Path, count: int, length: int, pad_id: int, tokenizer_hash: str, meta: dict) -> str:
+    checksums = {name: _sha256(directory / name) for name in (TOKENS_FILE, PROVENANCE_FILE)}
+    corpus_id = checksums[TOKENS_FILE][:16]
+    manifest = {"kind": "ekfac_influence.corpus", "num_sequences": count, "length": length, "pad_token_id": pad_id,
+                "tokenizer_id": tokenizer_hash, "corpus_id": corpus_id, "checksums": checksums, "meta": meta}
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return corpus_id
+
+
+def _packed_rows(documents, tokenizer, length: int, add_eos: bool, show_progress: bool, total: int | None):
+    """Yield (ids of one full-length row, its number of real tokens, its document pieces)."""
+    if length < 2:
+        raise DataError(f"sequence length must be at least 2 tokens, got {length}")
+    eos = tokenizer.eos_token_id if add_eos else None
+    buffer: list[int] = []
+    pieces: list[dict] = []  # pieces of the sequence being filled
+    produced = False
+    for row, (doc_id, text) in enumerate(tqdm(documents, desc="packing", total=total, disable=not show_progress)):
+        if not text:
+            continue
+        ids, offsets = _encode_document(tokenizer, text)
+        if eos is not None:
+            ids, offsets = ids + [eos], offsets + [(len(text), len(text))]
+        start = 0
+        while start < len(ids):
+            take = min(length - len(buffer), len(ids) - start)
+            span = offsets[start : start + take]
+            pieces.append({"doc": doc_id, "row": row, "token_span": [len(buffer), len(buffer) + take],
+                           "char_span": [int(span[0][0]), int(span[-1][1])]})
+            buffer.extend(ids[start : start + take])
+            start += take
+            if len(buffer) == length:
+                yield buffer, length, pieces
+                buffer, pieces, produced = [], [], True
+    if buffer:
+        yield buffer + [pad_token_id(tokenizer)] * (length - len(buffer)), len(buffer), pieces
+    elif not produced:
+        raise DataError("the corpus has no text: every document is empty")
+
+
+def dataset_documents(dataset, *, text_column: str = "text", id_column: str | None = None) -> Iterator[tuple[str, str]]:
+    """(id, text) per row of a `datasets.Dataset`; the id is `id_column`'s value or the row number."""
+    if id_column is not None and id_column not in dataset.column_names:
+        raise DataError(f"corpus has no id column {id_column!r} (columns: {', '.join(dataset.column_names)})")
+    for row, record in enumerate(dataset):
+        text = record[text_column]
+        yield (str(record[id_column]) if id_column else str(row)), ("" if text is None else str(text))
+
+
+def _encode_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids with each token's character span; spans are estimated when the tokenizer is slow."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    ids = tokenizer(text)["input_ids"]
+    return list(ids), [(0, len(text))] * len(ids)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of a packed corpus as batches for a `DataLoader`: input_ids, attention_mask, sequence index."""
+
+    def __init__(self, corpus: PackedCorpus, indices: Iterable[int] | None = None):
+        self.corpus = corpus
+        self.indices = np.arange(len(corpus)) if indices is None else np.asarray(list(indices), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        n = int(self.indices[i])
+        ids = torch.from_numpy(np.array(self.corpus.tokens_NT[n], dtype=np.int64))
+        mask = (torch.arange(len(ids)) < int(self.corpus.lengths_N[n])).long()
+        return {"input_ids": ids, "attention_mask": mask, "sequence": torch.tensor(n)}
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class Query:
+    """A prompt and the completion whose log-probability is explained.
+
+    completion None = the model's own greedy completion is generated and used. With `contrast`,
+    the measurement is log p(completion | prompt) − log p(contrast | prompt).
+    """
+
+    prompt: str
+    completion: str | None = None
+    contrast: str | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise DataError(f"query {self.id or ''}: the prompt is empty; give the text the model is conditioned on")
+        for name in ("completion", "contrast"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or value == ""):
+                raise DataError(f"query {self.id or ''}: the {name} is empty; give text, or omit it"
+                                + (" to use the model's greedy completion" if name == "completion" else ""))
+
+
+def read_queries(path) -> list[Query]:
+    """Queries from a JSONL file of {"prompt", "completion", optional "contrast" and "id"}."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"query file {path} does not exist")
+    queries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise DataError(f"{path}:{number}: each line must be an object with a \"prompt\" (and usually a \"completion\")")
+        unknown = set(record) - {"prompt", "completion", "contrast", "id"}
+        if unknown:
+            raise DataError(f"{path}:{number}: unknown key(s) {', '.join(sorted(unknown))}; "
+                            "allowed: prompt, completion, contrast, id")
+        query_id = str(record.get("id", f"q{len(queries)}"))
+        try:
+            queries.append(Query(record["prompt"], record.get("completion"), record.get("contrast"), query_id))
+        except DataError as error:
+            raise DataError(f"{path}:{number}: {error}") from None
+    if not queries:
+        raise DataError(f"query file {path} holds no query")
+    ids = [q.id for q in queries]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: query ids repeat ({sorted({i for i in ids if ids.count(i) > 1})[:5]}); ids must be unique")
+    return queries
+
+
+@dataclass(frozen=True)
+class EncodedQuery:
+    """Token ids with the exact prompt/completion boundary (tokenized apart: no merge across it)."""
+
+    query: Query
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    contrast_ids: list[int] | None = None
+
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        out = [(self.prompt_ids, self.completion_ids)]
+        if self.contrast_ids is not None:
+            out.append((self.prompt_ids, self.contrast_ids))
+        return out
+
+
+def encode_query(tokenizer, query: Query, *, max_length: int) -> EncodedQuery:
+    """Prompt with the tokenizer's special tokens (e.g. BOS); completion without any."""
+    if query.completion is None:
+        raise DataError(f"query {query.id}: no completion; generate one first (query stage does it)")
+    prompt_ids = list(tokenizer(query.prompt)["input_ids"])
+    completion_ids = list(tokenizer(query.completion, add_special_tokens=False)["input_ids"])
+    contrast_ids = None
+    if query.contrast is not None:
+        contrast_ids = list(tokenizer(query.contrast, add_special_tokens=False)["input_ids"])
+    for name, ids in (("completion", completion_ids), ("contrast", contrast_ids)):
+        if ids is not None and not ids:
+            raise DataError(f"query {query.id}: the {name} encodes to no token")
+        if ids is not None and len(prompt_ids) + len(ids) > max_length:
+            raise DataError(f"query {query.id}: prompt + {name} is {len(prompt_ids) + len(ids)} tokens, longer than the "
+                            f"model's context of {max_length}; shorten the prompt")
+    return EncodedQuery(query, prompt_ids, completion_ids, contrast_ids)
+
+
+def query_rows(encoded: list[EncodedQuery]) -> tuple[list[tuple[list[int], list[int]]], torch.Tensor]:
+    """All rows to differentiate, and the matrix M_QR with ∇f_q = Σ_r M_qr ∇log p(row r): +1, or −1 for a contrast."""
+    rows, signs = [], []
+    for q, item in enumerate(encoded):
+        for sign, row in zip((1.0, -1.0), item.rows()):
+            rows.append(row)
+            signs.append((q, len(rows) - 1, sign))
+    M_QR = torch.zeros(len(encoded), len(rows), dtype=torch.float64)
+    for q, r, sign in signs:
+        M_QR[q, r] = sign
+    return rows, M_QR
+
+
+def collate_query_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-padded batch; labels = the completion tokens, −100 on the prompt and the padding."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids, mask, labels = [], [], []
+    for p, c in rows:
+        pad = width - len(p) - len(c)
+        ids.append(p + c + [pad_id] * pad)
+        mask.append([1] * (len(p) + len(c)) + [0] * pad)
+        labels.append([-100] * len(p) + c + [-100] * pad)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}

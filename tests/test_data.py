@@ -1,0 +1,169 @@
+"""Corpora, packing, provenance and query encoding (ekfac_influence.data)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import bpe_tokenizer
+from ekfac_influence.data import (DataError, PackedCorpus, Query, collate_query_rows, dataset_documents, encode_query,
+                                  load_corpus, pack, pack_to_disk, query_rows, read_queries, tokenizer_id)
+from ekfac_influence.demo import pydoc_documents
+
+DOCS = [("a", "The assert statement is a debugging aid."), ("empty", ""), ("b", "x = 1\nwhile x: x -= 1"),
+        ("c", "Ünïcode tëxt — and a longer document " * 6)]
+
+
+def test_packing_cuts_the_eos_joined_stream_into_full_rows_and_pads_only_the_last():
+    tokenizer = bpe_tokenizer()
+    corpus = pack(DOCS, tokenizer, length=16)
+    stream = []
+    for _, text in DOCS:
+        if text:
+            stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    assert corpus.lengths_N[:-1].tolist() == [16] * (len(corpus) - 1)
+    flat = np.concatenate([row[:n] for row, n in zip(corpus.tokens_NT, corpus.lengths_N)])
+    assert flat.tolist() == stream
+    assert (corpus.tokens_NT[-1, corpus.lengths_N[-1]:] == corpus.pad_token_id).all()
+
+
+def test_provenance_pieces_give_back_every_document_and_its_character_spans():
+    tokenizer = bpe_tokenizer()
+    texts = dict(DOCS)
+    corpus = pack(DOCS, tokenizer, length=16)
+    ids_of, spans_of = {}, {}
+    for n, pieces in enumerate(corpus.provenance):
+        assert pieces[0]["token_span"][0] == 0 and pieces[-1]["token_span"][1] == corpus.lengths_N[n]
+        for piece in pieces:
+            start, stop = piece["token_span"]
+            ids_of.setdefault(piece["doc"], []).extend(corpus.tokens_NT[n, start:stop].tolist())
+            spans_of.setdefault(piece["doc"], []).append(piece["char_span"])
+            if piece["doc"] == "a":  # ASCII: each piece on its own decodes to its span of the text
+                c0, c1 = piece["char_span"]
+                assert tokenizer.decode(corpus.tokens_NT[n, start:stop].tolist(), skip_special_tokens=True) == texts["a"][c0:c1]
+    assert set(ids_of) == {"a", "b", "c"}  # the empty document is skipped
+    for doc, ids in ids_of.items():
+        assert tokenizer.decode(ids, skip_special_tokens=True) == texts[doc]
+        spans = spans_of[doc]
+        assert spans[0][0] == 0 and spans[-1][1] == len(texts[doc])
+        assert all(a[1] <= b[0] + 1 for a, b in zip(spans, spans[1:]))  # in order, no gap of more than a split char
+
+
+def test_packing_to_disk_equals_packing_in_memory_and_round_trips(tmp_path):
+    tokenizer = bpe_tokenizer()
+    memory = pack(DOCS, tokenizer, length=16)
+    disk = pack_to_disk(DOCS, tokenizer, tmp_path / "corpus", length=16)
+    np.testing.assert_array_equal(disk.tokens_NT, memory.tokens_NT)
+    np.testing.assert_array_equal(disk.lengths_N, memory.lengths_N)
+    assert disk.provenance == memory.provenance and disk.corpus_id == memory.corpus_id
+    memory.save(tmp_path / "saved")
+    assert PackedCorpus.load(tmp_path / "saved").corpus_id == disk.corpus_id
+    with pytest.raises(DataError, match="already exists"):
+        pack_to_disk(DOCS, tokenizer, tmp_path / "corpus", length=16)
+
+
+def test_a_packed_corpus_refuses_another_tokenizer_and_a_corrupted_file(tmp_path):
+    tokenizer = bpe_tokenizer()
+    pack(DOCS, tokenizer, length=16).save(tmp_path / "corpus")
+    other = bpe_tokenizer(vocab_size=280)
+    with pytest.raises(DataError, match="another tokenizer"):
+        PackedCorpus.load(tmp_path / "corpus", tokenizer_id=tokenizer_id(other))
+    data = bytearray((tmp_path / "corpus" / "tokens.bin").read_bytes())
+    data[5] ^= 0xFF
+    (tmp_path / "corpus" / "tokens.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="tokens.bin.*checksum"):
+        PackedCorpus.load(tmp_path / "corpus")
+
+
+def test_an_empty_corpus_and_a_too_short_length_are_refused():
+    with pytest.raises(DataError, match="no text"):
+        pack([("a", ""), ("b", "")], bpe_tokenizer(), length=16)
+    with pytest.raises(DataError, match="at least 2"):
+        pack(DOCS, bpe_tokenizer(), length=1)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "txt", "parquet", "csv", "saved"])
+def test_corpora_load_from_every_supported_format(tmp_path, suffix):
+    import datasets
+
+    texts = [text for _, text in pydoc_documents()[:3]]
+    records = datasets.Dataset.from_dict({"text": texts, "name": ["x", "y", "z"]})
+    path = tmp_path / f"corpus.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "name": n}) + "\n" for t, n in zip(texts, "xyz")))
+    elif suffix == "txt":
+        path.write_text("\n".join(texts))
+    elif suffix == "parquet":
+        records.to_parquet(str(path))
+    elif suffix == "csv":
+        records.to_csv(str(path), index=False)
+    else:
+        records.save_to_disk(str(path))
+    dataset = load_corpus(path)
+    joined = "\n".join(text for _, text in dataset_documents(dataset))
+    assert all(line in joined for line in texts[0].splitlines() if line)
+    if suffix != "txt":
+        assert [doc for doc, _ in dataset_documents(dataset, id_column="name")] == ["x", "y", "z"]
+
+
+def test_corpus_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus(tmp_path / "missing.jsonl")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "text"}) + "\n")
+    with pytest.raises(DataError, match="no column 'text'.*body"):
+        load_corpus(tmp_path / "c.jsonl")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (tmp_path / "d" / "b.csv").write_text("text\nb\n")
+    with pytest.raises(DataError, match="share one of the formats"):
+        load_corpus(tmp_path / "d")
+
+
+def test_the_prompt_completion_boundary_is_exact_even_where_the_tokenizer_would_merge():
+    tokenizer = bpe_tokenizer()
+    word = next(w for w in ("statement", "expression", "assert", "the") if len(tokenizer(" " + w)["input_ids"]) == 1)
+    prompt, completion = "The " + word[:2], word[2:] + " is a debugging aid"
+    encoded = encode_query(tokenizer, Query(prompt, completion, id="q"), max_length=256)
+    assert encoded.prompt_ids == tokenizer(prompt)["input_ids"]
+    assert encoded.completion_ids == tokenizer(completion, add_special_tokens=False)["input_ids"]
+    joined = tokenizer(prompt + completion)["input_ids"]
+    assert len(joined) < len(encoded.prompt_ids) + len(encoded.completion_ids)  # given whole, BPE merges the word
+    batch = collate_query_rows(encoded.rows(), pad_id=0)
+    labels = batch["labels"][0].tolist()
+    assert labels[: len(encoded.prompt_ids)] == [-100] * len(encoded.prompt_ids)
+    assert labels[len(encoded.prompt_ids):] == encoded.completion_ids
+
+
+def test_a_contrastive_query_becomes_two_rows_with_opposite_signs():
+    tokenizer = bpe_tokenizer()
+    items = [encode_query(tokenizer, Query("p", " yes", " no", "a"), max_length=64),
+             encode_query(tokenizer, Query("p", " maybe", None, "b"), max_length=64)]
+    rows, M_QR = query_rows(items)
+    assert len(rows) == 3
+    assert M_QR.tolist() == [[1.0, -1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_bad_queries_are_refused_with_the_reason():
+    tokenizer = bpe_tokenizer()
+    with pytest.raises(DataError, match="prompt is empty"):
+        Query("  ", "x")
+    with pytest.raises(DataError, match="completion is empty"):
+        Query("p", "")
+    with pytest.raises(DataError, match="longer than the model's context of 8"):
+        encode_query(tokenizer, Query("a long prompt about the assert statement", " and more", id="q"), max_length=8)
+
+
+def test_query_files_are_read_and_their_mistakes_located(tmp_path):
+    path = tmp_path / "queries.jsonl"
+    path.write_text('{"prompt": "a", "completion": " b", "id": "one"}\n\n{"prompt": "c"}\n')
+    queries = read_queries(path)
+    assert [(q.id, q.prompt, q.completion) for q in queries] == [("one", "a", " b"), ("q1", "c", None)]
+    cases = {'{"prompt": "a"\n': "line|JSON", '{"completion": "b"}\n': "prompt",
+             '{"prompt": "a", "complete": "b"}\n': "unknown key.*complete",
+             '{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n': "ids repeat", "\n": "no query"}
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_queries(path)
