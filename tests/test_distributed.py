@@ -34,3 +34,32 @@ def test_two_processes_give_the_factors_and_scores_of_one_with_an_uneven_last_ba
     for key, value in single.items():
         if key != "world":
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_answer_queries_as_one_does(tmp_path):
+    """Scan shards, the shared memory-mapped scores, merged top-k lists and the rescoring stage."""
+    import json
+
+    import numpy as np
+
+    worker = WORKER.parent / "distributed_query.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for name, command in (("one", [sys.executable, str(worker)]),
+                          ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", "29533", str(worker)])):
+        launched = subprocess.run(command + [str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+    shape = json.loads((tmp_path / "one" / "manifest.json").read_text())["scores"]["shape"]
+    one, two = (np.fromfile(tmp_path / name / "scores.f32", dtype=np.float32).reshape(shape) for name in ("one", "two"))
+    np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-7)
+    scanned = np.ones(27, dtype=bool)
+    scanned[[21, 23, 25]] = False  # in no query's shortlist
+    assert np.isfinite(one[:, scanned]).all() and np.isnan(one[:, ~scanned]).all()
+    records = [[json.loads(line) for line in (tmp_path / name / "topk.jsonl").read_text().splitlines()] for name in ("one", "two")]
+    for a, b in zip(*records):
+        assert a["completion"] == b["completion"]
+        for side in ("top_positive", "top_negative"):
+            assert [h["sequence"] for h in a[side]] == [h["sequence"] for h in b[side]]
+            np.testing.assert_allclose([h["score"] for h in a[side]], [h["score"] for h in b[side]], rtol=1e-9)
+            np.testing.assert_allclose([h["per_token"] for h in a[side]], [h["per_token"] for h in b[side]], rtol=1e-9, atol=1e-12)
