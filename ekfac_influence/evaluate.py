@@ -143,3 +143,40 @@ def lissa_inverse_product(model, layers: list[TrackedLayer], batches: Iterable, 
         if change <= config.lissa_tolerance * _norm(estimate):
             break
     return {name: value / scale for name, value in estimate.items()}
+
+
+# ----------------------------------------------------------------------------- shortlist recall
+
+
+def shortlist_recall_audit(model, tokenizer, factors: Factors, corpus, queries: list, index, config,
+                           *, k: int = 10, show_progress: bool = True) -> dict:
+    """How much of the exhaustive influence top-k does the shortlist keep? recall@k per query and mean.
+
+    Scores every sequence for every query (candidates = all: an epoch's cost, so audit a sample of
+    queries). The exhaustive ranking is the full-rank rescored top (exact) followed by the scan order;
+    the shortlist is the top `config.shortlist_k` by BM25 over the same prompt + completion tokens.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from .data import Query, encode_query
+    from .model import context_length
+    from .query import check_index_matches, query_influence, shortlist_candidates
+    from .shortlist import recall_at_k
+
+    check_index_matches(index, corpus)
+    exhaustive = query_influence(model, tokenizer, factors, corpus, queries,
+                                 dataclasses.replace(config, candidates="all", top_k=max(k, config.top_k)),
+                                 show_progress=show_progress)
+    rankings = []
+    for q, record in enumerate(exhaustive.records):
+        exact = [hit["sequence"] for hit in record["top_positive"]]
+        scan = [int(n) for n in np.argsort(-np.nan_to_num(np.asarray(exhaustive.scores_QN[q]), nan=-np.inf), kind="stable")]
+        rankings.append((exact + [n for n in scan if n not in set(exact)])[:k])
+    encoded = [encode_query(tokenizer, Query(r["prompt"], r["completion"], r["contrast"], r["id"]),
+                            max_length=context_length(model)) for r in exhaustive.queries]
+    shortlists = shortlist_candidates(index, encoded, config.shortlist_k)
+    recall = recall_at_k(shortlists, rankings, k)
+    return {"k": k, "shortlist_k": config.shortlist_k, "num_sequences": len(corpus), "mean_recall": recall.mean,
+            "per_query": {r["id"]: float(value) for r, value in zip(exhaustive.queries, recall.per_query)}}

@@ -35,7 +35,7 @@ from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import capture_pass, device_of, evaluation_mode
 from .pipeline import _scoring_form, check_factors_match, query_gradients
 from .precondition import LowRank, precondition
-from .scores import layer_scores
+from .scores import layer_scores, pair_token_scores
 from .storage import StorageError
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
@@ -55,10 +55,12 @@ class QueryResults:
 
 def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: PackedCorpus, queries: list,
                     config: QueryConfig = QueryConfig(), *, candidates: list[np.ndarray] | None = None,
-                    out=None, overwrite: bool = False, show_progress: bool = True) -> QueryResults:
+                    index=None, out=None, overwrite: bool = False, show_progress: bool = True) -> QueryResults:
     """Influence of every candidate training sequence on log p(completion | prompt), per query.
 
-    candidates: per query, the sequence indices to consider (e.g. a shortlist); None = all.
+    candidates: per query, the sequence indices to consider; None = all, or with
+    `config.candidates == "shortlist"` the top `config.shortlist_k` of `index` (a ShortlistIndex of
+    this corpus) for the query's prompt + completion tokens.
     out: the query set's directory (DESIGN §4 `queries/<set>/`), written atomically at the end.
     """
     layers = check_factors_match(factors, model)
@@ -71,11 +73,15 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         raise DataError("no query given")
     if candidates is not None and len(candidates) != len(queries):
         raise ValueError(f"{len(candidates)} candidate sets for {len(queries)} queries")
+    if config.candidates == "shortlist" and candidates is None:
+        check_index_matches(index, corpus)
     out = None if out is None else Path(out)
     if out is not None and out.exists() and not overwrite:
         raise StorageError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another query set name")
     with evaluation_mode(model):
         encoded, generated = complete_queries(model, tokenizer, queries, config)
+        if config.candidates == "shortlist" and candidates is None:
+            candidates = shortlist_candidates(index, encoded, config.shortlist_k)
         logp_Q = measure(model, tokenizer, encoded)
         P = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=config.rank)
         tmp = _temporary_directory(out)
@@ -113,6 +119,24 @@ def as_query(value, index: int) -> Query:
     if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
         return Query(*value, id=f"q{index}")
     raise DataError(f"query {index}: expected a Query, a dict, a prompt or a (prompt, completion) pair, got {value!r}")
+
+
+def check_index_matches(index, corpus: PackedCorpus) -> None:
+    """The shortlist index must be built over this very corpus (and so this tokenizer)."""
+    if index is None:
+        raise ValueError("candidates = shortlist needs a shortlist index: build one (ekfac-influence index) and pass it")
+    if index.num_sequences != len(corpus) or (index.corpus_id and index.corpus_id != corpus.corpus_id):
+        raise DataError(f"the shortlist index was built over another corpus ({index.num_sequences} sequences, id "
+                        f"{index.corpus_id}; this corpus has {len(corpus)}, id {corpus.corpus_id}); rebuild the index")
+    if index.tokenizer_id and index.tokenizer_id != corpus.tokenizer_id:
+        raise DataError("the shortlist index was built with another tokenizer; rebuild the index")
+
+
+def shortlist_candidates(index, encoded: list[EncodedQuery], k: int) -> list[np.ndarray]:
+    """Each query's top-k sequences by BM25 over its prompt + completion (+ contrast) tokens."""
+    tokens = [item.prompt_ids + item.completion_ids + (item.contrast_ids or []) for item in encoded]
+    ids_QK, _ = index.search_batch(tokens, k)
+    return [np.asarray(row, dtype=np.int64) for row in ids_QK]
 
 
 # ----------------------------------------------------------------------------- 1. complete
@@ -312,29 +336,36 @@ def rescore(model, layers: list[TrackedLayer], factors: Factors, tokenizer, enco
 
 def _score_sequences(model, layers, P: dict, rows: list[int], chosen: dict[int, list[int]], corpus: PackedCorpus,
                      config: QueryConfig, show_progress: bool) -> list[dict[int, dict]]:
-    """Per-layer and per-token scores of chosen[q] for the queries q (rows[i] = query of P's i-th row)."""
+    """Per-layer and per-token scores of chosen[q] for the queries q (rows[i] = query of P's i-th row).
+
+    Only the chosen (query, sequence) pairs are contracted, token by token (`pair_token_scores`).
+    """
     dtype = getattr(torch, config.compute_dtype)
     union = np.array(sorted({n for ids in chosen.values() for n in ids}), dtype=np.int64)
     loader = torch.utils.data.DataLoader(PackedDataset(corpus, union), batch_size=config.batch_size, shuffle=False)
     position = {q: i for i, q in enumerate(rows)}
+    wanted_by = {}
+    for q, ids in chosen.items():
+        for n in ids:
+            wanted_by.setdefault(n, []).append(q)
     local: dict = {}
     for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="rescore",
                              show_progress=show_progress):
         ids = union[item.first : item.first + item.num_sequences].tolist()
-        per_layer, tokens_QBT = {}, 0
+        pairs = [(q, b, n) for b, n in enumerate(ids) for q in wanted_by.get(n, [])]
+        q_M = torch.tensor([position[q] for q, _, _ in pairs], dtype=torch.long)
+        b_M = torch.tensor([b for _, b, _ in pairs], dtype=torch.long)
+        per_layer, tokens_MT = {}, 0
         for layer in layers:
             g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
-            score_QB, token_QBT = layer_scores(P[layer.name], g_BTO, a_BTI, per_token=True)
-            per_layer[layer.name] = -score_QB.double().cpu()
-            tokens_QBT = tokens_QBT - token_QBT.double().cpu()
-        for q, wanted in chosen.items():
-            for b, n in enumerate(ids):
-                if n in wanted:
-                    i = position[q]
-                    length = int(corpus.lengths_N[n])
-                    local[(q, n)] = {"score": float(sum(v[i, b] for v in per_layer.values())),
-                                     "per_layer": {name: float(v[i, b]) for name, v in per_layer.items()},
-                                     "per_token": tokens_QBT[i, b, :length].tolist()}
+            token_MT = -pair_token_scores(P[layer.name], g_BTO, a_BTI, q_M, b_M).double().cpu()  # ∇log p = −∇L
+            per_layer[layer.name] = token_MT.sum(1)
+            tokens_MT = tokens_MT + token_MT
+        for m, (q, _, n) in enumerate(pairs):
+            length = int(corpus.lengths_N[n])
+            local[(q, n)] = {"score": float(tokens_MT[m].sum()),
+                             "per_layer": {name: float(value[m]) for name, value in per_layer.items()},
+                             "per_token": tokens_MT[m, :length].tolist()}
     merged = distributed.gather_by_key(local)
     return [{n: merged[(q, n)] for n in chosen[q] if (q, n) in merged} for q in sorted(chosen)]
 

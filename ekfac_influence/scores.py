@@ -71,6 +71,27 @@ def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token
     return dense_sequence_scores(P, d_BTO, a_BTI), None
 
 
+def pair_token_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M: Tensor, b_M: Tensor) -> Tensor:
+    """token_MT = d_tᵀ P(q_m) ā_t of sequence b_m, for M chosen (query, sequence) pairs only.
+
+    The detail of a few top sequences per query costs M·T·O·I (dense) or M·T·K·(O + I) (rank k)
+    instead of the Q·B·T·O·I of scoring every query against every sequence of the batch.
+    """
+    B, T, O = d_BTO.shape
+    width = P.left_QOK.shape[-1] if isinstance(P, LowRank) else O
+    out = []
+    for start, stop in _query_chunks(len(q_M), T * width):
+        q, b = q_M[start:stop], b_M[start:stop]
+        if isinstance(P, LowRank):
+            du_MTK = torch.einsum("mto,mok->mtk", d_BTO[b], P.left_QOK[q])
+            av_MTK = torch.einsum("mti,mik->mtk", a_BTI[b], P.right_QIK[q])
+            out.append((du_MTK * av_MTK).sum(-1))
+        else:
+            Pa_MTO = torch.einsum("mti,moi->mto", a_BTI[b], P[q])
+            out.append((Pa_MTO * d_BTO[b]).sum(-1))
+    return torch.cat(out) if out else d_BTO.new_zeros(0, T)
+
+
 @dataclass
 class ScoreResult:
     """Influence of every training sequence on every query; positive = helpful.

@@ -14,7 +14,9 @@ from ekfac_influence.config import QueryConfig
 from ekfac_influence.data import DataError, Query, collate_query_rows, encode_query, pack
 from ekfac_influence.demo import pydoc_documents
 from ekfac_influence.model import load_causal_lm
+from ekfac_influence.evaluate import shortlist_recall_audit
 from ekfac_influence.query import RunningTopK, is_spurious, query_influence
+from ekfac_influence.shortlist import ShortlistIndex
 from ekfac_influence.storage import StorageError
 
 QUERIES = [("The assert statement", " is a convenient way to insert debugging assertions"),
@@ -209,8 +211,8 @@ def test_a_planted_fact_is_traced_to_the_document_that_states_it(capsys):
             optimizer.step()
     model.eval()
     factors = fit_factors(model, batches, CausalLMObjective(), FactorConfig(), show_progress=False)
-    results = query_influence(model, tokenizer, factors, corpus, [("The national animal of Quenthia is the", " violet snow heron")],
-                              QueryConfig(top_k=5), show_progress=False)
+    query = [("The national animal of Quenthia is the", " violet snow heron")]
+    results = query_influence(model, tokenizer, factors, corpus, query, QueryConfig(top_k=5), show_progress=False)
     scores = np.array(results.scores_QN[0])
     order = np.argsort(-scores).tolist()
     best_planted = min(order.index(n) for n in planted) + 1
@@ -222,3 +224,37 @@ def test_a_planted_fact_is_traced_to_the_document_that_states_it(capsys):
     assert best_planted == 1 and top["sequence"] in planted
     assert any(p["doc"] == "planted" for p in top["provenance"])
     assert margin > 2  # measured 10.8
+
+    # the shortlist: BM25 over the model's tokens puts the planted document among 20 of the 373 candidates
+    index = ShortlistIndex.build(corpus.sequences(), vocab_size=len(tokenizer), tokenizer_id=corpus.tokenizer_id,
+                                 corpus_id=corpus.corpus_id)
+    shortlisted = query_influence(model, tokenizer, factors, corpus, query, QueryConfig(top_k=5, candidates="shortlist",
+                                                                                         shortlist_k=20),
+                                  index=index, show_progress=False)
+    ids, _ = index.search(tokenizer(query[0][0] + query[0][1])["input_ids"], 20)
+    lexical_rank = min(ids.tolist().index(n) for n in planted if n in ids.tolist()) + 1
+    with capsys.disabled():
+        print(f"planted fact: best planted sequence at BM25 rank {lexical_rank} of the 20-sequence shortlist")
+    assert shortlisted.records[0]["num_candidates"] == 20
+    assert shortlisted.records[0]["top_positive"][0]["sequence"] == top["sequence"]
+
+
+def test_the_recall_audit_measures_how_much_of_the_exhaustive_top_k_the_shortlist_keeps(setting):
+    model, tokenizer, corpus, factors = setting
+    index = ShortlistIndex.build(corpus.sequences(), vocab_size=len(tokenizer), corpus_id=corpus.corpus_id)
+    everything = shortlist_recall_audit(model, tokenizer, factors, corpus, QUERIES, index,
+                                        QueryConfig(shortlist_k=64, rerank=8), k=5, show_progress=False)
+    assert everything["mean_recall"] == 1.0  # a shortlist of the whole corpus misses nothing
+    audit = shortlist_recall_audit(model, tokenizer, factors, corpus, QUERIES, index,
+                                   QueryConfig(shortlist_k=16, rerank=8), k=5, show_progress=False)
+    exhaustive = run(setting, rerank=8, top_k=5)
+    for q, (prompt, completion) in enumerate(QUERIES):
+        top = [hit["sequence"] for hit in exhaustive.records[q]["top_positive"]]
+        shortlist = index.search(tokenizer(prompt)["input_ids"] + tokenizer(completion)["input_ids"], 16)[0].tolist()
+        assert audit["per_query"][f"q{q}"] == pytest.approx(sum(n in shortlist for n in top) / len(top))
+    other = ShortlistIndex.build(list(corpus.sequences())[:10], vocab_size=len(tokenizer))
+    with pytest.raises(DataError, match="another corpus"):
+        query_influence(model, tokenizer, factors, corpus, QUERIES, QueryConfig(candidates="shortlist"), index=other,
+                        show_progress=False)
+    with pytest.raises(ValueError, match="needs a shortlist index"):
+        run(setting, candidates="shortlist")
