@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 
 
+# Bytes this process sent into collectives (all-reduce payloads, pickled gathers), for benchmarks.
+TRAFFIC = {"all_reduce_bytes": 0, "gather_bytes": 0, "calls": 0}
+
+
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -69,6 +73,8 @@ def sum_reduce_(tensors: list[torch.Tensor]) -> None:
         if flat.device.type == "cpu" and dist.get_backend() == "nccl":  # pragma: no cover - GPU clusters
             flat = flat.cuda()
         dist.all_reduce(flat)
+        TRAFFIC["all_reduce_bytes"] += flat.numel() * flat.element_size()
+        TRAFFIC["calls"] += 1
         offset = 0
         for t in group:
             t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.device))
@@ -88,7 +94,10 @@ def gather_by_key(local: dict) -> dict:
     if world() == 1:
         return local
     parts = [None] * world()
-    dist.all_gather_object(parts, {key: _to_cpu(value) for key, value in local.items()})
+    payload = {key: _to_cpu(value) for key, value in local.items()}
+    TRAFFIC["gather_bytes"] += _payload_bytes(payload)
+    TRAFFIC["calls"] += 1
+    dist.all_gather_object(parts, payload)
     merged: dict = {}
     for part in parts:
         merged.update(part)
@@ -111,3 +120,13 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _payload_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_payload_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_payload_bytes(v) for v in value.values())
+    return 8
