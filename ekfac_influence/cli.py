@@ -1,40 +1,120 @@
-"""`ekfac-influence` (also `python -m ekfac_influence`): parse, then call the library."""
+"""`ekfac-influence` (also `python -m ekfac_influence`): parse, then call the stages in `run`.
+
+    ekfac-influence demo                                   # the built-in demo, no arguments
+    ekfac-influence fit    --config run.yaml [--section.key value ...]
+    ekfac-influence index  --config run.yaml
+    ekfac-influence query  --config run.yaml --queries.file queries.jsonl   (or --prompt ... --completion ...)
+    ekfac-influence export --config run.yaml
+
+Every `--section.key` option overrides one field of the YAML config; `--help` lists them with the
+field docs. A user's mistake ends with one line on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import __version__
 
+STAGES = {
+    "fit": ("pack the corpus and fit EK-FAC factors", ("run", "model", "corpus", "fit", "factors")),
+    "index": ("build the BM25 shortlist index over the packed corpus", ("run", "model", "corpus", "index")),
+    "query": ("score training sequences for prompt/completion queries", ("run", "model", "queries", "query")),
+    "export": ("write the review report (JSONL, CSV, HTML) of a query set", ("run", "queries", "export")),
+    "demo": ("train a small LM on Python's documentation and explain its completions (no arguments needed)",
+             ("run", "factors", "index", "query", "export")),
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import SECTIONS, field_docs
+
     parser = argparse.ArgumentParser(prog="ekfac-influence", description=(
         "Which training sequences made this language model produce this completion? "
         "EK-FAC influence functions (Grosse et al., 2023)."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small LM on Python's documentation and explain its completions")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace a finished demo run in --out")
-    demo.add_argument("--quick", action="store_true", help="a much smaller model and corpus (for tests)")
-    demo.add_argument("--top", type=int, default=5, help="sequences shown per query (default: 5)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fit,index,query,export,demo}")
+    for name, (help_text, sections) in STAGES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--config", help="YAML config file (configs/*.yaml are examples); options below override it")
+        sub.add_argument("--overwrite", action="store_true", help="replace this stage's finished results")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "query":
+            sub.add_argument("--prompt", help="one query's prompt (instead of queries.file)")
+            sub.add_argument("--completion", help="its completion; omitted = the model's greedy completion")
+            sub.add_argument("--contrast", help="an alternative completion: explain completion rather than contrast")
+        if name == "demo":
+            sub.add_argument("--quick", action="store_true", help="a much smaller model and corpus (for tests)")
+            sub.add_argument("--out", dest="run", default=argparse.SUPPRESS, help="the run directory (same as --run)")
+        overrides = sub.add_argument_group("config overrides (--section.key value)")
+        if "run" in sections:
+            overrides.add_argument("--run", default=argparse.SUPPRESS, help="run directory (runs/<name>)")
+        for section in sections:
+            if section == "run":
+                continue
+            cls = SECTIONS[section]
+            docs = field_docs(cls)
+            for field in dataclasses.fields(cls):
+                default = field.default if field.default is not dataclasses.MISSING else None
+                overrides.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}", metavar="V",
+                                       default=argparse.SUPPRESS,
+                                       help=f"{docs.get(field.name, '')} (default: {default!r})".replace("%", "%%"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
+    from . import distributed
+    from .config import ConfigError, load_run_config
+    from .data import DataError, Query
+    from .model import LayerSelectionError, ModelLoadError
+    from .pipeline import FactorMismatchError
     from .storage import StorageError
 
+    user_errors = (ConfigError, DataError, ModelLoadError, LayerSelectionError, FactorMismatchError, StorageError,
+                   FileNotFoundError, PermissionError, ValueError)
     try:
-        if args.command == "demo":
-            from .demo import DemoConfig, run_demo
+        overrides = [(key, value) for key, value in vars(args).items() if "." in key or key == "run"]
+        config = load_run_config(args.config, overrides)
+        if args.command == "demo" and args.config is None:
+            from .demo import demo_run_config
 
-            run_demo(args.out, config=DemoConfig.quick() if args.quick else DemoConfig(), overwrite=args.overwrite, top=args.top)
-    except (ConfigError, StorageError, FileNotFoundError, ValueError) as error:
-        print(f"ekfac-influence {args.command}: error: {error}", file=sys.stderr)
+            config = demo_run_config(overrides, quick=args.quick)
+        show = not args.quiet
+        from . import run
+
+        if args.command == "fit":
+            run.fit(config, overwrite=args.overwrite, show_progress=show)
+        elif args.command == "index":
+            run.index(config, overwrite=args.overwrite, show_progress=show)
+        elif args.command == "query":
+            queries = None
+            if args.prompt is not None:
+                queries = [Query(args.prompt, args.completion, args.contrast, "cli")]
+            elif args.completion is not None or args.contrast is not None:
+                raise ConfigError("--completion and --contrast need --prompt")
+            run.query(config, queries, overwrite=args.overwrite, show_progress=show)
+        elif args.command == "export":
+            run.export(config, overwrite=args.overwrite)
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(config, quick=args.quick, overwrite=args.overwrite, show_progress=show)
+    except user_errors as error:
+        if distributed.is_main():
+            print(f"ekfac-influence {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full or read-only disk, a file that vanished
+        if distributed.is_main():
+            print(f"ekfac-influence {args.command}: error: {error.strerror or error} "
+                  f"({error.filename or 'the run directory'}); free space or choose a writable --run", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ekfac-influence {args.command}: interrupted; finished stages are kept, rerun to go on", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -36,9 +36,17 @@ class DataError(ValueError):
 
 
 def load_corpus(path, *, text_column: str = "text", split: str = "train"):
-    """A `datasets.Dataset` from a file, a directory of files of one format, or a saved dataset."""
+    """A `datasets.Dataset` from a file, a directory of files of one format, or a saved dataset.
+
+    `pydoc:topics` is Python's own documentation (79 topics, columns topic and text), always at hand.
+    """
     import datasets
 
+    if str(path) == "pydoc:topics":
+        from pydoc_data.topics import topics
+
+        names = sorted(topics)
+        return datasets.Dataset.from_dict({"topic": names, "text": [topics[name] for name in names]})
     path = Path(path)
     if not path.exists():
         raise DataError(f"corpus {path} does not exist")

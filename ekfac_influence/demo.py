@@ -1,46 +1,52 @@
 """The built-in demo: which documentation topics taught a small LM about Python?
 
 Trains a small Llama-style LM on Python's own documentation (`pydoc_data.topics`, 79 topics, shipped
-with every Python), fits EK-FAC factors on it, asks prompt/completion queries about Python, and
-prints the most influential training sequences with the topic each comes from.
+with every Python), then runs the same stages a user runs on their own model and corpus: fit EK-FAC
+factors, build the BM25 shortlist index, answer prompt/completion queries about Python, export the
+review report. It prints the most influential training sequences with the topic each comes from,
+and the fraction that come from the topic the query is about.
 
-    ekfac-influence demo                 # about 3 minutes on 2 CPU cores
-    python -m ekfac_influence demo --quick
+    ekfac-influence demo                      # about 3 minutes on 2 CPU cores
+    ekfac-influence demo --quick              # a tiny variant for tests
+    ekfac-influence demo --config configs/demo.yaml --query.rank 8
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import distributed
-from .config import FactorConfig, ScoreConfig, to_dict
-from .factors import Factors
-from .objectives import CausalLMObjective
-from .pipeline import compute_scores, fit_factors
-from .scores import top_k
+from .config import RunConfig, load_run_config
 from .storage import StorageError, atomic_write_text
 
 QUERIES = [
-    # (prompt, completion, the topics that teach the answer: "compound" repeats the text of every
+    # (id, prompt, completion, the topics that teach the answer: "compound" repeats the text of every
     # compound statement, "while" and "try" included)
-    ("Assert statements are a convenient way to", " insert debugging assertions into a program", ("assert",)),
-    ("The while statement is used for", " repeated execution as long as an expression is true", ("while", "compound")),
-    ("The import statement", " finds a module, loading and initializing it if necessary", ("import",)),
-    ("The try statement specifies", " exception handlers and/or cleanup code for a group of statements", ("try", "compound")),
+    ("assert", "Assert statements are a convenient way to", " insert debugging assertions into a program", ("assert",)),
+    ("while", "The while statement is used for", " repeated execution as long as an expression is true", ("while", "compound")),
+    ("import", "The import statement", " finds a module, loading and initializing it if necessary", ("import",)),
+    ("try", "The try statement specifies", " exception handlers and/or cleanup code for a group of statements", ("try", "compound")),
 ]
+DEFAULTS = {  # the stages' settings; configs/demo.yaml spells out the same
+    "run": "runs/demo",
+    "corpus": {"text_column": "text", "id_column": "topic", "length": 64},
+    "fit": {"batch_size": 32},
+    "factors": {"strategy": "ekfac"},
+    "queries": {"name": "demo"},
+    "query": {"rank": 32, "rerank": 50, "top_k": 5, "candidates": "shortlist", "shortlist_k": 500, "batch_size": 32},
+}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo; `quick` shrinks everything for tests."""
+    """Sizes of the demo's own model and its training; `quick` shrinks everything for tests."""
 
-    sequence_length: int = 64
     vocab_size: int = 2048
     hidden: int = 128
     layers: int = 4
@@ -48,11 +54,50 @@ class DemoConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = 0
-    max_sequences: int | None = None
+    topics: int | None = None  # None = all 79; else the queries' topics and the first others
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(sequence_length=48, vocab_size=512, hidden=32, layers=2, epochs=1, max_sequences=200)
+        return cls(vocab_size=512, hidden=32, layers=2, epochs=1, topics=12)
+
+
+def demo_run_config(overrides: list[tuple[str, str]] = (), *, quick: bool = False) -> RunConfig:
+    """The demo's RunConfig: DEFAULTS (as in configs/demo.yaml), then the command line's overrides."""
+    import copy
+
+    values = copy.deepcopy(DEFAULTS)
+    if quick:
+        values["query"].update(shortlist_k=100, rerank=10)
+    for key, value in overrides:
+        if key == "run":
+            values["run"] = value
+        else:
+            section, name = key.split(".", 1)
+            values.setdefault(section, {})[name] = value
+    config = load_run_config(None, [(k, v) for k, v in _flatten(values)])
+    return _with_demo_paths(config)
+
+
+def _flatten(values: dict):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                yield f"{key}.{name}", inner
+        else:
+            yield key, value
+
+
+def _with_demo_paths(config: RunConfig) -> RunConfig:
+    """The demo writes its own model, corpus and queries inside the run directory."""
+    import dataclasses
+
+    run = Path(config.run)
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, path=config.model.path or str(run / "model")),
+        corpus=dataclasses.replace(config.corpus, path=config.corpus.path or str(run / "data" / "pydoc_topics.jsonl")),
+        queries=dataclasses.replace(config.queries, file=config.queries.file or str(run / "data" / "queries.jsonl")),
+    )
 
 
 def pydoc_documents() -> list[tuple[str, str]]:
@@ -63,155 +108,155 @@ def pydoc_documents() -> list[tuple[str, str]]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained in memory (no download)."""
+    """A byte-level BPE tokenizer trained in memory (no download); <pad> and <|endoftext|> (EOS) special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|endoftext|>")
 
 
-def pack(documents: list[tuple[str, str]], tokenizer, length: int) -> tuple[torch.Tensor, list[dict]]:
-    """Each document cut into sequences of `length` tokens (a short tail is dropped); provenance per sequence."""
-    rows, provenance = [], []
-    for topic, text in documents:
-        encoded = tokenizer(text, return_offsets_mapping=True)
-        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        for start in range(0, len(ids) - length + 1, length):
-            rows.append(ids[start : start + length])
-            provenance.append({"topic": topic, "token_start": start,
-                               "char_span": [offsets[start][0], offsets[start + length - 1][1]]})
-    return torch.tensor(rows), provenance
-
-
-def build_model(config: DemoConfig, vocab_size: int):
+def build_model(config: DemoConfig, vocab_size: int, context: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     llama = LlamaConfig(vocab_size=vocab_size, hidden_size=config.hidden, intermediate_size=3 * config.hidden,
                         num_hidden_layers=config.layers, num_attention_heads=4, num_key_value_heads=4,
-                        max_position_embeddings=config.sequence_length, tie_word_embeddings=True)
+                        max_position_embeddings=context, tie_word_embeddings=True, pad_token_id=0)
     return LlamaForCausalLM(llama)
 
 
-def train(model, tokens_NT: torch.Tensor, config: DemoConfig) -> float:
-    """Plain AdamW epochs; returns the final epoch's mean loss per token."""
+def train(model, corpus, config: DemoConfig) -> float:
+    """Plain AdamW epochs over the packed sequences; returns the final epoch's mean loss per token."""
+    ids_NT = torch.from_numpy(corpus.tokens_NT.astype("int64"))
+    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(corpus.lengths_N)[:, None]).long()
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    steps = config.epochs * ((len(tokens_NT) + config.batch_size - 1) // config.batch_size)
+    steps = config.epochs * ((len(ids_NT) + config.batch_size - 1) // config.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=steps, pct_start=0.1)
     model.train()
     mean = float("nan")
     for epoch in range(config.epochs):
-        order = torch.randperm(len(tokens_NT), generator=generator)
+        order = torch.randperm(len(ids_NT), generator=generator)
         total = 0.0
         for start in range(0, len(order), config.batch_size):
-            ids = tokens_NT[order[start : start + config.batch_size]]
-            loss = model(input_ids=ids, labels=ids).loss
+            rows = order[start : start + config.batch_size]
+            ids, mask = ids_NT[rows], mask_NT[rows]
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(ids)
-        mean = total / len(tokens_NT)
+        mean = total / len(ids_NT)
         distributed.print0(f"  epoch {epoch + 1}/{config.epochs}: loss {mean:.3f}")
     model.eval()
     return mean
 
 
-def query_batch(tokenizer, queries) -> dict:
-    """Prompt and completion tokenized apart, so no token straddles the boundary; labels −100 on the prompt."""
-    rows = [(tokenizer(p)["input_ids"], tokenizer(c)["input_ids"]) for p, c, _ in queries]
-    width = max(len(p) + len(c) for p, c in rows)
-    ids, mask, labels = [], [], []
-    for p, c in rows:
-        pad = width - len(p) - len(c)
-        ids.append(p + c + [tokenizer.pad_token_id] * pad)
-        mask.append([1] * (len(p) + len(c)) + [0] * pad)
-        labels.append([-100] * len(p) + c + [-100] * pad)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite: bool = False,
+             show_progress: bool = True) -> dict:
+    """Train the demo LM, then fit, index, query and export like any run. Returns the summary."""
+    from . import run as stages
 
+    config = _with_demo_paths(config or demo_run_config(quick=quick))
+    sizes = DemoConfig.quick() if quick else DemoConfig()
+    out = Path(config.run)
+    _claim(out, overwrite)
+    started, timings = time.time(), {}
 
-def run_demo(out: str | Path = "runs/demo", *, config: DemoConfig = DemoConfig(), overwrite: bool = False, top: int = 5) -> dict:
-    """Train, fit, query; write the run directory; print the top sequences. Returns the summary."""
-    out = Path(out)
-    if (out / "summary.json").exists() and not overwrite:
-        raise StorageError(f"{out} already holds a finished demo; pass --overwrite or choose another --out")
-    started = time.time()
-    torch.manual_seed(config.seed)
-    documents = pydoc_documents()
-    tokenizer = train_tokenizer([text for _, text in documents], config.vocab_size)
-    tokens_NT, provenance = pack(documents, tokenizer, config.sequence_length)
-    if config.max_sequences is not None:
-        keep = torch.randperm(len(tokens_NT), generator=torch.Generator().manual_seed(0))[: config.max_sequences].sort().values
-        tokens_NT, provenance = tokens_NT[keep], [provenance[i] for i in keep.tolist()]
-    distributed.print0(f"corpus: {len(documents)} topics of pydoc_data.topics -> {len(tokens_NT)} sequences of "
-                       f"{config.sequence_length} tokens (BPE vocabulary {len(tokenizer)})")
-    timings = {"data": time.time() - started}
-    model = build_model(config, len(tokenizer))
-    distributed.print0(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama-style LM")
-    train(model, tokens_NT, config)
-    timings["train"] = time.time() - started - sum(timings.values())
-
-    batches = [{"input_ids": tokens_NT[i : i + config.batch_size]} for i in range(0, len(tokens_NT), config.batch_size)]
-    objective = CausalLMObjective()
-    factor_config = FactorConfig(strategy="ekfac", seed=config.seed)
-    distributed.print0("fitting EK-FAC factors (covariances, eigendecomposition, eigenvalue correction)")
-    factors = fit_factors(model, batches, objective, factor_config)
-    timings["fit"] = time.time() - started - sum(timings.values())
-    distributed.print0(f"scoring {len(tokens_NT)} training sequences for {len(QUERIES)} queries")
-    score_config = ScoreConfig(per_layer=True)
-    result = compute_scores(model, factors, [query_batch(tokenizer, QUERIES)], batches, objective, score_config)
-    best = top_k(result, top)
-    timings["score"] = time.time() - started - sum(timings.values())
-
-    records, fractions = [], []
-    for q, (prompt, completion, topics) in enumerate(QUERIES):
-        hits = []
-        for rank, (index, score) in enumerate(zip(best.positive_indices[q].tolist(), best.positive_scores[q].tolist())):
-            hits.append({"rank": rank + 1, "sequence": index, "score": score, "delta_logp": score / result.num_train_sequences,
-                         **provenance[index], "text": tokenizer.decode(tokens_NT[index])})
-        fraction = sum(hit["topic"] in topics for hit in hits) / len(hits)
-        fractions.append(fraction)
-        records.append({"query": q, "prompt": prompt, "completion": completion, "expected_topics": list(topics),
-                        "fraction_from_topic": fraction, "top": hits})
-    summary = {"seconds": round(time.time() - started, 1), "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-               "num_sequences": len(tokens_NT),
-               "mean_fraction_from_topic": sum(fractions) / len(fractions), "config": to_dict(config)}
+    documents = _demo_documents(sizes)
     if distributed.is_main():
-        _write_run(out, factors, result, records, summary, factor_config, score_config, overwrite)
-        _print_results(records, summary, out)
+        write_lines(Path(config.corpus.path), [{"topic": topic, "text": text} for topic, text in documents])
+        write_lines(Path(config.queries.file), [{"id": q, "prompt": p, "completion": c} for q, p, c, _ in QUERIES])
+        tokenizer = train_tokenizer([text for _, text in documents], sizes.vocab_size)
+        tokenizer.save_pretrained(config.model.path)
+    distributed.barrier()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, local_files_only=True)  # the same on every process
+    corpus = stages.prepare_corpus(config, tokenizer, show_progress=show_progress)
+    distributed.print0(f"corpus: {len(documents)} topics of pydoc_data.topics -> {len(corpus)} sequences of "
+                       f"{config.corpus.length} tokens (BPE vocabulary {len(tokenizer)})")
+    model = build_model(sizes, len(tokenizer), config.corpus.length)
+    distributed.print0(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama-style LM")
+    if distributed.is_main():
+        train(model, corpus, sizes)
+        model.save_pretrained(config.model.path)
+    distributed.barrier()
+    timings["train"] = time.time() - started
+
+    for name, stage in (("fit", stages.fit), ("index", stages.index), ("query", stages.query)):
+        distributed.print0(f"\n== {name}")
+        mark = time.time()
+        result = stage(config, show_progress=show_progress)
+        timings[name] = time.time() - mark
+    written = stages.export(config)
+    summary = _summarize(result, config, corpus, started, timings)
+    if distributed.is_main():
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        _print_outcome(summary, written)
     return summary
 
 
-def _write_run(out: Path, factors: Factors, result, records, summary, factor_config, score_config, overwrite: bool) -> None:
-    # run_demo refused a finished run without --overwrite; leftovers of an interrupted one are replaced
-    factors.save(out / "factors", overwrite=True)
-    queries = out / "queries" / "demo"
-    queries.mkdir(parents=True, exist_ok=True)
-    tensors = {"scores": result.scores.contiguous()}
-    tensors.update({f"per_layer/{name}": value.contiguous() for name, value in (result.per_layer or {}).items()})
-    tmp = queries / ".scores.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(queries / "scores.safetensors")
-    atomic_write_text(queries / "topk.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out / "manifest.json", json.dumps({"fingerprint": factors.fingerprint, "factors": to_dict(factor_config),
-                                                         "scores": to_dict(score_config)}, indent=2))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+def _claim(out: Path, overwrite: bool) -> None:
+    """Refuse a finished demo without --overwrite; never delete a directory that is not a demo run."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    is_demo = (out / "data" / "pydoc_topics.jsonl").exists()
+    if (out / "summary.json").exists() and not overwrite:
+        raise StorageError(f"{out} already holds a finished demo; pass --overwrite or choose another --out")
+    if not is_demo:
+        raise StorageError(f"{out} exists and is not a demo run; choose another --out")
+    if distributed.is_main():
+        shutil.rmtree(out)  # a demo run, finished (with --overwrite) or interrupted: start afresh
+    distributed.barrier()
 
 
-def _print_results(records, summary, out: Path) -> None:
-    for record in records:
-        print(f"\nquery {record['query']}: {record['prompt']!r} -> {record['completion']!r}")
-        print(f"  top sequences from {' or '.join(record['expected_topics'])}: {record['fraction_from_topic']:.0%}")
-        for hit in record["top"]:
-            snippet = " ".join(hit["text"].split())[:70]
-            print(f"  {hit['rank']}. score {hit['score']:+.3e}  [{hit['topic']}]  {snippet}")
+def _demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:
+    documents = pydoc_documents()
+    if sizes.topics is None:
+        return documents
+    needed = {topic for *_, topics in QUERIES for topic in topics}
+    kept = [d for d in documents if d[0] in needed]
+    kept += [d for d in documents if d[0] not in needed][: max(0, sizes.topics - len(kept))]
+    return sorted(kept)
+
+
+def write_lines(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def main_topic(hit: dict) -> str:
+    """The document that holds most of a sequence's tokens."""
+    return max(hit["provenance"], key=lambda p: p["token_span"][1] - p["token_span"][0])["doc"]
+
+
+def _summarize(results, config: RunConfig, corpus, started: float, timings: dict) -> dict:
+    expected = {q: topics for q, _, _, topics in QUERIES}
+    per_query = {}
+    for record in results.records:
+        topics = [main_topic(hit) for hit in record["top_positive"]]
+        fraction = sum(t in expected[record["id"]] for t in topics) / max(1, len(topics))
+        per_query[record["id"]] = {"expected_topics": list(expected[record["id"]]), "top_topics": topics,
+                                   "fraction_from_topic": fraction}
+    mean = sum(q["fraction_from_topic"] for q in per_query.values()) / len(per_query)
+    return {"seconds": round(time.time() - started, 1), "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "num_sequences": len(corpus), "mean_fraction_from_topic": mean, "queries": per_query,
+            "run": config.run}
+
+
+def _print_outcome(summary: dict, written: dict) -> None:
+    print("\n== outcome")
+    for query_id, outcome in summary["queries"].items():
+        print(f"  {query_id}: {outcome['fraction_from_topic']:.0%} of the top sequences come from "
+              f"{' or '.join(outcome['expected_topics'])}  (top topics: {', '.join(outcome['top_topics'])})")
+    print(f"mean fraction of top sequences from the query's topic: {summary['mean_fraction_from_topic']:.0%}")
     stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["stage_seconds"].items())
-    print(f"\nmean fraction of top sequences from the query's topic: {summary['mean_fraction_from_topic']:.0%}")
-    print(f"finished in {summary['seconds']:.0f} s ({stages}); results in {out}/ (queries/demo/topk.jsonl)")
+    report = written.get("html", Path(summary["run"]) / "queries" / "demo")
+    print(f"finished in {summary['seconds']:.0f} s ({stages}); open the report: {report}")

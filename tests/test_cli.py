@@ -1,0 +1,104 @@
+"""The command line end to end on a tiny model in a fresh directory: fit, index, query, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import bpe_tokenizer
+from ekfac_influence.cli import build_parser, main
+from ekfac_influence.demo import pydoc_documents
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ekfac_influence", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def make_project(root) -> None:
+    """A tiny Llama with its tokenizer, a JSONL corpus, a queries file and a config, as a user would have."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "corpus.jsonl", "w") as handle:
+        for topic, text in pydoc_documents()[:3]:
+            handle.write(json.dumps({"name": topic, "text": text[:1500]}) + "\n")
+    (root / "queries.jsonl").write_text(
+        json.dumps({"id": "assert", "prompt": "The assert statement", "completion": " is a debugging aid"}) + "\n"
+        + json.dumps({"id": "greedy", "prompt": "x = 1"}) + "\n")
+    config = {"run": "runs/tiny", "model": {"path": "model"},
+              "corpus": {"path": "corpus.jsonl", "id_column": "name", "length": 32},
+              "fit": {"batch_size": 4}, "queries": {"file": "queries.jsonl", "name": "first"},
+              "query": {"rank": 4, "rerank": 6, "top_k": 3, "candidates": "shortlist", "shortlist_k": 12,
+                        "max_new_tokens": 4, "batch_size": 4}}
+    (root / "run.yaml").write_text("# ekfac-influence fit --config run.yaml\n" + yaml.safe_dump(config))
+
+
+@pytest.mark.slow
+def test_fit_index_query_export_from_the_command_line_in_a_fresh_directory(tmp_path):
+    make_project(tmp_path)
+    for stage in ("fit", "index", "query", "export"):
+        done = run_cli(stage, "--config", "run.yaml", "--quiet", cwd=tmp_path)
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr
+        if stage == "query":
+            assert "[assert] 'The assert statement' -> ' is a debugging aid'" in done.stdout
+            assert "the model's greedy completion" in done.stdout
+    run = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"fit", "index", "query"} and manifest["layers"]
+    saved = yaml.safe_load((run / "config.fit.yaml").read_text())
+    assert saved["corpus"]["length"] == 32 and saved["factors"]["strategy"] == "ekfac"  # the resolved config
+    out = run / "queries" / "first"
+    records = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["assert", "greedy"] and records[1]["generated"]
+    assert all(r["num_candidates"] == 12 for r in records)
+    hit = records[0]["top_positive"][0]
+    assert hit["provenance"][0]["doc"] in {name for name, _ in pydoc_documents()[:3]}
+    assert sum(hit["per_token"]) == pytest.approx(hit["score"], rel=1e-4)
+    for name in ("report.jsonl", "report.csv", "report.html"):
+        assert (out / name).stat().st_size > 0
+    shape = json.loads((out / "manifest.json").read_text())["scores"]["shape"]
+    scores = np.fromfile(out / "scores.f32", dtype=np.float32).reshape(shape)
+    assert np.isfinite(scores).sum(1).min() >= 12
+
+    # a finished stage is reused, not recomputed; a finished query set is not overwritten
+    again = run_cli("fit", "--config", "run.yaml", "--quiet", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    refused = run_cli("query", "--config", "run.yaml", "--quiet", cwd=tmp_path)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    # one query from the command line, with a dotted override, into another query set
+    single = run_cli("query", "--config", "run.yaml", "--quiet", "--queries.name", "cli", "--query.rank", "2",
+                     "--prompt", "The while statement", "--completion", " repeats", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert json.loads((run / "queries" / "cli" / "manifest.json").read_text())["config"]["rank"] == 2
+
+
+def test_help_lists_every_override_with_its_field_doc(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["query", "--help"])
+    text = capsys.readouterr().out
+    assert "--query.rerank" in text and "full-rank query gradients" in text
+    assert "--model.path" in text and "--prompt" in text
+
+
+def test_a_typo_in_an_override_is_named_with_a_suggestion(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("query:\n  rnak: 3\n")
+    assert main(["fit", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key query.rnak (did you mean query.rank?)" in err and "Traceback" not in err
