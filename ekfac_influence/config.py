@@ -142,9 +142,17 @@ class QueryConfig:
     compute_dtype: str = "float32"
     """dtype of the preconditioning and score kernels."""
 
+    checkpoint_seconds: float = 300.0
+    """Save the scan's progress this often, so that a killed query resumes (0 = after every batch)."""
+
+    checkpoint_batches: int | None = None
+    """Save every this many batches instead of by time (None = by time)."""
+
     def __post_init__(self) -> None:
         _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")
         _require(self.rerank >= 0, "rerank", f"must be >= 0, got {self.rerank}")
+        _require(self.checkpoint_seconds >= 0, "checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds}")
+        _require(self.checkpoint_batches is None or self.checkpoint_batches > 0, "checkpoint_batches", "must be > 0 or null")
         _require(self.top_k > 0, "top_k", f"must be > 0, got {self.top_k}")
         _require(self.candidates in CANDIDATES, "candidates", f"{self.candidates!r} is not one of {', '.join(CANDIDATES)}")
         _require(self.shortlist_k > 0, "shortlist_k", f"must be > 0, got {self.shortlist_k}")
@@ -211,8 +219,17 @@ class FitConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    checkpoint_seconds: float = 300.0
+    """Save the passes' partial sums this often, so that a killed fit resumes (0 = after every batch)."""
+
+    checkpoint_batches: int | None = None
+    """Save every this many batches instead of by time (None = by time)."""
+
     def __post_init__(self) -> None:
         _require(self.batch_size > 0, "fit.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.checkpoint_seconds >= 0, "fit.checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds}")
+        _require(self.checkpoint_batches is None or self.checkpoint_batches > 0, "fit.checkpoint_batches",
+                 "must be > 0 or null")
         _require(self.num_workers >= 0, "fit.num_workers", f"must be >= 0, got {self.num_workers}")
 
 

@@ -29,6 +29,18 @@ class BatchCapture:
     grads: dict[str, Tensor]  # layer -> g_BTO (masked), gradient of the summed loss
 
 
+class NonFiniteError(ValueError):
+    """NaN or inf in a layer's activations, gradients or factors; the message names the layer and batch."""
+
+
+def check_finite(kind: str, tensors: dict[str, Tensor], where: str) -> None:
+    """Raise NonFiniteError naming the first layer (in module order) whose tensor holds NaN or inf."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"non-finite values (NaN or inf) in the {kind} of layer {name} in {where}; check the "
+                                 f"model's weights and the inputs (an overflow in float16 or bfloat16, a NaN weight)")
+
+
 def device_of(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
@@ -68,15 +80,19 @@ def capture_pass(
     desc: str = "",
     show_progress: bool = True,
     shard: bool = True,
+    start: int = 0,
 ) -> Iterator[BatchCapture]:
     """Forward + backward of each batch (this process's share), gradients of tracked outputs only.
 
     loss: "sampled" (labels drawn from the model), "real" (training loss L), or "measurement" (f).
+    start: batches before this index are skipped unread by the model (a resumed pass).
     """
     device = device_of(model)
     items = progress(batches, desc, show_progress)
     stream = distributed.shard(items, batch_size) if shard else _unsharded(items)
     for index, first, batch in stream:
+        if index < start:
+            continue
         batch = to_device(batch, device)
         with Capture(layers) as capture:
             if loss == "measurement":
@@ -84,12 +100,16 @@ def capture_pass(
             else:
                 value = objective.train_loss(model, batch, sample_labels=loss == "sampled",
                                              generator=LabelSampler(seed, first))
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"the {loss} loss of batch {index} is {value.item()}; check the inputs and the model")
-        grads = capture.output_gradients(value)
         mask_BT = effective_mask(objective.token_mask(batch))
         acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
         B, T = next(iter(acts.values())).shape[:2]
+        where = f"batch {index} (sequences {first}..{first + B - 1})"
+        if not torch.isfinite(value):
+            check_finite("inputs", acts, where)
+            raise NonFiniteError(f"the {loss} loss of {where} is {value.item()}; check the model's weights and the inputs")
+        grads = capture.output_gradients(value)
+        check_finite("inputs", acts, where)
+        check_finite("output gradients", grads, where)
         yield BatchCapture(
             index=index,
             first=first,

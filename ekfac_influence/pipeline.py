@@ -16,9 +16,10 @@ from .factors import (Factors, LayerFactors, covariance, damping_for, eigendecom
                       sequence_gradients)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
-from .passes import capture_pass, device_of, evaluation_mode, require_reiterable
+from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
 from .precondition import LowRank, compress, precondition
 from .scores import ScoreResult, layer_scores
+from .storage import PassCheckpoint
 
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
 _DENSE_QUERY_ELEMENTS = 2**28  # a rank-k query set is expanded to dense only below this size
@@ -33,8 +34,13 @@ class FactorMismatchError(ValueError):
 
 
 def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
-                config: FactorConfig = FactorConfig(), *, show_progress: bool = True) -> Factors:
-    """Fit the curvature of `config.strategy` on the training batches (DESIGN §1)."""
+                config: FactorConfig = FactorConfig(), *, show_progress: bool = True,
+                checkpoint: PassCheckpoint | None = None) -> Factors:
+    """Fit the curvature of `config.strategy` on the training batches (DESIGN §1).
+
+    checkpoint: where the covariance and eigenvalue-correction passes keep their partial sums, so
+    that a fit killed midway resumes from its last save (with the same batches and processes).
+    """
     layers = select_layers(model, config.layers)
     require_reiterable(train_batches, "train_batches")
     with evaluation_mode(model):
@@ -54,7 +60,8 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 extra["lissa_scale"] = config.lissa_scale or estimate_lissa_scale(
                     model, layers, train_batches, objective, damping, seed=config.seed)
         else:
-            fitted, num_sequences, num_tokens = collect_covariances(model, layers, train_batches, objective, config, show_progress)
+            fitted, num_sequences, num_tokens = collect_covariances(model, layers, train_batches, objective, config,
+                                                                    show_progress, checkpoint)
             for layer in fitted:
                 layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II)
                 layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
@@ -63,9 +70,10 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 for layer in fitted:
                     layer.lambda_OI = tokens_per_sequence * torch.outer(layer.eigS_O, layer.eigA_I)
             else:
-                correct_eigenvalues(model, layers, fitted, train_batches, objective, config, show_progress)
+                correct_eigenvalues(model, layers, fitted, train_batches, objective, config, show_progress, checkpoint)
             extra = {}
     for layer in fitted:
+        check_finite("factors", layer.tensors(), "the fitted factors")
         if layer.lambda_OI is not None:
             layer.damping = damping_for(layer.lambda_OI, config)
     dtype = getattr(torch, config.factor_dtype)
@@ -86,13 +94,17 @@ def count_sequences(batches: Iterable) -> int:
 
 
 def collect_covariances(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig,
-                        show_progress: bool = True) -> tuple[list[LayerFactors], int, int]:
+                        show_progress: bool = True, checkpoint: PassCheckpoint | None = None
+                        ) -> tuple[list[LayerFactors], int, int]:
     """A = E_tokens[ā āᵀ], S = E_tokens[g gᵀ] with g from the sampled-label loss; one reduce per pass."""
-    sums_A = {l.name: None for l in layers}
-    sums_S = {l.name: None for l in layers}
-    num_sequences = num_tokens = 0
+    done = checkpoint.load("covariances.done") if checkpoint else None
+    if done is not None:
+        tensors, meta = done
+        return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=tensors[f"A/{l.name}"], S_OO=tensors[f"S/{l.name}"])
+                for l in layers], meta["num_sequences"], meta["num_tokens"]
+    (sums_A, sums_S), num_sequences, num_tokens, start = _resume(checkpoint, "covariances", layers, ("A", "S"), model)
     for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
-                             desc="covariances", show_progress=show_progress):
+                             desc="covariances", show_progress=show_progress, start=start):
         num_sequences += item.num_sequences
         num_tokens += item.num_tokens
         for layer in layers:
@@ -100,21 +112,25 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
             S_OO = covariance(item.grads[layer.name].flatten(0, 1))
             sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
             sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
+        _save_partial(checkpoint, "covariances", item.index + 1, {"A": sums_A, "S": sums_S}, num_sequences, num_tokens)
     tensors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model) for l in layers]
                + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features), model) for l in layers])
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
-    return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens, S_OO=sums_S[l.name] / num_tokens)
-            for l in layers], num_sequences, num_tokens
+    fitted = [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens,
+                           S_OO=sums_S[l.name] / num_tokens) for l in layers]
+    if checkpoint is not None:
+        checkpoint.save("covariances.done", {**{f"A/{f.name}": f.A_II for f in fitted}, **{f"S/{f.name}": f.S_OO for f in fitted}},
+                        {"num_sequences": num_sequences, "num_tokens": num_tokens})
+    return fitted, num_sequences, num_tokens
 
 
 def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFactors], batches, objective,
-                        config: FactorConfig, show_progress: bool = True) -> None:
+                        config: FactorConfig, show_progress: bool = True, checkpoint: PassCheckpoint | None = None) -> None:
     """EK-FAC: Λ = E_sequences[(Q_Sᵀ DW_n Q_A)²], with the same sampled labels as the covariance pass."""
     by_name = {f.name: f for f in fitted}
-    sums = {l.name: None for l in layers}
-    num_sequences = 0
+    (sums,), num_sequences, _, start = _resume(checkpoint, "correction", layers, ("lambda",), model)
     for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
-                             desc="eigenvalue correction", show_progress=show_progress):
+                             desc="eigenvalue correction", show_progress=show_progress, start=start):
         num_sequences += item.num_sequences
         for layer in layers:
             f, g_BTO = by_name[layer.name], _work(item.grads[layer.name])
@@ -123,10 +139,33 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
                 lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
                 g_BTO, _work(item.acts[layer.name]), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
+        _save_partial(checkpoint, "correction", item.index + 1, {"lambda": sums}, num_sequences, 0)
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, _ = _reduce_counts(tensors, num_sequences, 0)
     for layer in layers:
         by_name[layer.name].lambda_OI = sums[layer.name] / num_sequences
+
+
+def _resume(checkpoint: PassCheckpoint | None, name: str, layers: list[TrackedLayer], groups: tuple[str, ...], model):
+    """(per group {layer: local sum or None}, sequences, tokens, next batch) of a saved partial pass."""
+    sums = tuple({l.name: None for l in layers} for _ in groups)
+    state = checkpoint.load(name) if checkpoint is not None else None
+    if state is None:
+        return sums, 0, 0, 0
+    tensors, meta = state
+    for key, value in tensors.items():
+        group, layer = key.split("/", 1)
+        sums[groups.index(group)][layer] = value.to(device_of(model))
+    distributed.print0(f"resuming the {name} pass at batch {meta['next_batch']} (saved partial sums)")
+    return sums, meta["num_sequences"], meta["num_tokens"], meta["next_batch"]
+
+
+def _save_partial(checkpoint: PassCheckpoint | None, name: str, next_batch: int, groups: dict, num_sequences: int,
+                  num_tokens: int) -> None:
+    if checkpoint is None or not checkpoint.due(next_batch):
+        return
+    tensors = {f"{group}/{layer}": value for group, sums in groups.items() for layer, value in sums.items() if value is not None}
+    checkpoint.save(name, tensors, {"next_batch": next_batch, "num_sequences": num_sequences, "num_tokens": num_tokens})
 
 
 def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from .passes import capture_pass, device_of, evaluation_mode
 from .pipeline import _scoring_form, check_factors_match, query_gradients
 from .precondition import LowRank, precondition
 from .scores import layer_scores, pair_token_scores
-from .storage import StorageError
+from .storage import PassCheckpoint, StorageError
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
 SCORES_FILE, TOPK_FILE, QUERIES_FILE, MANIFEST_FILE = "scores.f32", "topk.jsonl", "queries.jsonl", "manifest.json"
@@ -84,24 +83,29 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
             candidates = shortlist_candidates(index, encoded, config.shortlist_k)
         logp_Q = measure(model, tokenizer, encoded)
         P = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=config.rank)
-        tmp = _temporary_directory(out)
-        try:
-            scores_QN = _scores_file(tmp, len(encoded), len(corpus))
-            best = scan(model, layers, P, corpus, candidates, scores_QN, config, show_progress=show_progress)
-            full = P if config.rank is None or config.rerank == 0 else None
-            keep = config.rerank if full is None else config.top_k
-            details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, keep, config, full,
-                              show_progress=show_progress)
-            resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
-            records = [_record(q, resolved[q], details[q], corpus, tokenizer, factors.num_sequences, config,
-                               len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
-            results = QueryResults(resolved, records, scores_QN, factors.num_sequences, [l.name for l in layers])
-            if out is not None and distributed.is_main():
-                _write(tmp, out, results, factors, tokenizer, corpus, config)
-                results.scores_QN = np.memmap(out / SCORES_FILE, dtype=np.float32, mode="r", shape=scores_QN.shape)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
+               "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
+               "queries": _digest([item.rows() for item in encoded]),
+               "candidates": None if candidates is None else _digest([np.asarray(c).tolist() for c in candidates])}
+        tmp = _work_directory(out, key)
+        checkpoint = None if tmp is None else PassCheckpoint(tmp, key, every_batches=config.checkpoint_batches,
+                                                              every_seconds=config.checkpoint_seconds)
+        # the partial directory survives an interruption: a rerun resumes the scan from its last save
+        scores_QN = _scores_file(tmp, len(encoded), len(corpus))
+        best = scan(model, layers, P, corpus, candidates, scores_QN, config, show_progress=show_progress,
+                    checkpoint=checkpoint)
+        full = P if config.rank is None or config.rerank == 0 else None
+        keep = config.rerank if full is None else config.top_k
+        details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, keep, config, full,
+                          show_progress=show_progress)
+        resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
+        records = [_record(q, resolved[q], details[q], corpus, tokenizer, factors.num_sequences, config,
+                           len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
+        results = QueryResults(resolved, records, scores_QN, factors.num_sequences, [l.name for l in layers])
+        distributed.barrier()
+        if out is not None and distributed.is_main():
+            _write(tmp, out, results, factors, tokenizer, corpus, config)
+            results.scores_QN = np.memmap(out / SCORES_FILE, dtype=np.float32, mode="r", shape=scores_QN.shape)
     return results
 
 
@@ -261,6 +265,21 @@ class RunningTopK:
         self.pos_values, self.pos_ids = self._merge(self.pos_values, self.pos_ids, other.pos_values, other.pos_ids, True)
         self.neg_values, self.neg_ids = self._merge(self.neg_values, self.neg_ids, other.neg_values, other.neg_ids, False)
 
+    def restore(self, checkpoint: PassCheckpoint | None) -> int:
+        """Load a saved state; returns the index of the first batch still to scan."""
+        state = checkpoint.load("scan") if checkpoint is not None else None
+        if state is None:
+            return 0
+        tensors, meta = state
+        self.pos_values, self.pos_ids = tensors["pos_values"], tensors["pos_ids"]
+        self.neg_values, self.neg_ids = tensors["neg_values"], tensors["neg_ids"]
+        distributed.print0(f"resuming the scan at batch {meta['next_batch']} (saved progress)")
+        return meta["next_batch"]
+
+    def save(self, checkpoint: PassCheckpoint, next_batch: int) -> None:
+        checkpoint.save("scan", {"pos_values": self.pos_values, "pos_ids": self.pos_ids, "neg_values": self.neg_values,
+                                 "neg_ids": self.neg_ids}, {"next_batch": next_batch})
+
     def selected(self, q: int, count: int) -> list[int]:
         """Sequence indices of query q's `count` best and `count` worst (finite) scores, without repeats."""
         chosen = []
@@ -270,7 +289,8 @@ class RunningTopK:
 
 
 def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candidates: list[np.ndarray] | None,
-         scores_QN: np.ndarray, config: QueryConfig, *, show_progress: bool = True) -> RunningTopK:
+         scores_QN: np.ndarray, config: QueryConfig, *, show_progress: bool = True,
+         checkpoint: PassCheckpoint | None = None) -> RunningTopK:
     """Score every query against every candidate in one pass; fills `scores_QN`; returns the running top-k.
 
     The candidates are cut into batches; process r takes batches r, r + world, ... and writes its
@@ -286,8 +306,9 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
     dtype = getattr(torch, config.compute_dtype)
     Q = scores_QN.shape[0]
     best = RunningTopK(Q, max(config.top_k, config.rerank))
+    start = best.restore(checkpoint)
     for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="scan",
-                             show_progress=show_progress, shard=False):
+                             show_progress=show_progress, shard=False, start=start):
         ids_C = own_ids[item.first : item.first + item.num_sequences]
         total_QC = 0
         for layer in layers:
@@ -299,6 +320,9 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
         member_QC = torch.ones_like(total_QC, dtype=torch.bool) if sets is None else \
             torch.from_numpy(np.stack([np.isin(ids_C, s) for s in sets]))
         best.update(total_QC, torch.from_numpy(ids_C), member_QC)
+        if checkpoint is not None and checkpoint.due(item.index + 1):
+            scores_QN.flush()  # the scores before the progress mark are on disk
+            best.save(checkpoint, item.index + 1)
     if hasattr(scores_QN, "flush"):
         scores_QN.flush()
     parts = distributed.gather_by_key({distributed.rank(): (best.pos_values, best.pos_ids, best.neg_values, best.neg_ids)})
@@ -406,11 +430,29 @@ def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorp
             "top_negative": [hit(r + 1, n, d) for r, (n, d) in enumerate(negative)]}
 
 
-def _temporary_directory(out: Path | None) -> Path | None:
-    if out is None or not distributed.is_main():
+def _digest(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def _work_directory(out: Path | None, key: dict) -> Path | None:
+    """`.<set>.partial/` beside the query set: the scan's scores and progress until the set is finished.
+
+    Kept when the query is interrupted, so a rerun with the same queries, model and config resumes
+    the scan; emptied when anything else changed. Renamed to the query set's name at the end.
+    """
+    if out is None:
         return None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    path = out.parent / f".{out.name}.partial"
+    if distributed.is_main():
+        stamp = path / "key.json"
+        if path.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(key))):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(key))
+    distributed.barrier()
+    return path
 
 
 def _scores_file(tmp: Path | None, Q: int, N: int) -> np.ndarray:
@@ -419,14 +461,14 @@ def _scores_file(tmp: Path | None, Q: int, N: int) -> np.ndarray:
     Every process writes into the main process's file, so the query set's directory must be on a
     file system all processes of a node share.
     """
-    path = distributed.broadcast_object(None if tmp is None else str(tmp / SCORES_FILE))
-    if path is None:
+    if tmp is None:
         return np.full((Q, N), np.nan, dtype=np.float32)
-    if distributed.is_main():
+    path = tmp / SCORES_FILE
+    if distributed.is_main() and not (path.exists() and path.stat().st_size == 4 * Q * N):
         scores = np.memmap(path, dtype=np.float32, mode="w+", shape=(Q, N))
         scores[:] = np.nan
         scores.flush()
-    distributed.broadcast_object(True)  # the file exists before the others open it
+    distributed.barrier()  # the file exists before the others open it
     return np.memmap(path, dtype=np.float32, mode="r+", shape=(Q, N))
 
 
@@ -443,6 +485,8 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
                 "corpus_id": corpus.corpus_id, "num_train_sequences": factors.num_sequences,
                 "layers": results.layer_names, "config": to_dict(config)}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    for progress in [tmp / "key.json", *tmp.glob("scan.rank*")]:
+        progress.unlink()
     if out.exists():
         backup = out.with_name(f".{out.name}.old")
         shutil.rmtree(backup, ignore_errors=True)

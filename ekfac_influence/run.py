@@ -27,7 +27,7 @@ from .factors import Factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
 from .pipeline import fit_factors
-from .storage import StorageError, atomic_write_text
+from .storage import PassCheckpoint, StorageError, atomic_write_text
 
 CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
 
@@ -112,11 +112,17 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                            f"--overwrite to replace them or use another run directory")
     distributed.print0(f"fitting {config.factors.strategy} factors of {len(layers)} layers on {len(corpus)} sequences")
     started = time.time()
+    key = {"fingerprint": fingerprint(model, layers), "factors": to_dict(config.factors), "corpus_id": corpus.corpus_id,
+           "batch_size": config.fit.batch_size}
+    checkpoint = PassCheckpoint(Path(config.run) / "factors.partial", key, every_batches=config.fit.checkpoint_batches,
+                                every_seconds=config.fit.checkpoint_seconds)
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
-                          CausalLMObjective(), config.factors, show_progress=show_progress)
+                          CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
     if distributed.is_main():
         factors.save(path, overwrite=overwrite)
     distributed.barrier()
+    if distributed.is_main():
+        checkpoint.clear()
     record_stage(config, "fit", {"fingerprint": factors.fingerprint, "tokenizer_id": corpus.tokenizer_id,
                                  "corpus_id": corpus.corpus_id, "layers": factors.layer_names,
                                  "num_sequences": len(corpus)})

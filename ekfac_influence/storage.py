@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -130,3 +131,53 @@ def load_factors(path) -> Factors:
         lissa_scale=manifest.get("lissa_scale"),
         meta=manifest.get("meta", {}),
     )
+
+
+class PassCheckpoint:
+    """Partial sums of the passes over the training data, so an interrupted fit resumes where it was.
+
+    Each process saves its own local sums with the index of the next batch to read (the sums stay
+    local until the pass's one reduce, so a resumed run must use the same number of processes; `key`
+    holds that and everything else the sums depend on). A pass's reduced result is saved as
+    "<pass>.done" by the main process. Saves are atomic; a stale checkpoint (another key) is ignored.
+    """
+
+    def __init__(self, directory, key: dict, *, every_batches: int | None = None, every_seconds: float = 300.0):
+        from . import distributed
+
+        self.directory = Path(directory)
+        self.key = json.loads(json.dumps(dict(key, world=distributed.world()), sort_keys=True, default=str))
+        self.rank = distributed.rank()
+        self.every_batches, self.every_seconds = every_batches, every_seconds
+        self._last = time.monotonic()
+
+    def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, meta) saved under `name` by this process (or by the main one for "*.done")."""
+        stem = self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
+        meta_path, tensor_path = stem.with_suffix(stem.suffix + ".json"), stem.with_suffix(stem.suffix + ".safetensors")
+        if not meta_path.exists() or not tensor_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != self.key or meta.get("sha256") != sha256_file(tensor_path):
+            return None
+        return load_file(str(tensor_path)), meta
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if name.endswith(".done") and self.rank != 0:
+            return
+        stem = self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = stem.with_suffix(stem.suffix + ".safetensors.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        digest = sha256_file(tmp)
+        os.replace(tmp, stem.with_suffix(stem.suffix + ".safetensors"))
+        atomic_write_text(stem.with_suffix(stem.suffix + ".json"), json.dumps(dict(meta, key=self.key, sha256=digest)))
+        self._last = time.monotonic()
+
+    def due(self, batches_done: int) -> bool:
+        if self.every_batches is not None:
+            return batches_done % self.every_batches == 0
+        return time.monotonic() - self._last >= self.every_seconds
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)

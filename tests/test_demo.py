@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 import ekfac_influence as ei
 from ekfac_influence.demo import QUERIES
@@ -25,18 +25,23 @@ def test_the_quick_demo_runs_from_the_command_line_and_writes_a_complete_run(tmp
     done = run_cli("demo", "--quick", "--out", "run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mean fraction of top sequences from the query's topic" in done.stdout
+    assert "report.html" in done.stdout
     run = tmp_path / "run"
-    records = [json.loads(line) for line in (run / "queries" / "demo" / "topk.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in records] == [q[0] for q in QUERIES]
+    out = run / "queries" / "demo"
+    records = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [q[1] for q in QUERIES]
     for record in records:
-        scores = [hit["score"] for hit in record["top"]]
+        scores = [hit["score"] for hit in record["top_positive"]]
         assert scores == sorted(scores, reverse=True) and len(scores) == 5
-        assert all(hit["topic"] and hit["text"] for hit in record["top"])
-    stored = load_file(str(run / "queries" / "demo" / "scores.safetensors"))
+        assert all(hit["provenance"][0]["doc"] and hit["text"] for hit in record["top_positive"])
     summary = json.loads((run / "summary.json").read_text())
-    assert stored["scores"].shape == (len(QUERIES), summary["num_sequences"])
+    assert summary["mean_fraction_from_topic"] >= 0.5  # quick variant: measured 0.70
+    shape = json.loads((out / "manifest.json").read_text())["scores"]["shape"]
+    assert shape == [len(QUERIES), summary["num_sequences"]]
+    assert np.fromfile(out / "scores.f32", dtype=np.float32).size == shape[0] * shape[1]
     factors = ei.Factors.load(run / "factors")
     assert factors.strategy == "ekfac" and factors.num_sequences == summary["num_sequences"]
+    assert "<html" in (out / "report.html").read_text()[:200].lower()
 
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     refused = run_cli("demo", "--quick", "--out", "run", cwd=tmp_path)

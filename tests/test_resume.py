@@ -1,0 +1,113 @@
+"""Kill tests: SIGKILL a fit during its covariance pass and its eigenvalue-correction pass, and a query
+during its scan; the rerun resumes from the saved partial sums and ends with exactly the factors and
+scores of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import bpe_tokenizer
+from ekfac_influence.demo import pydoc_documents
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def command(stage: str, run: str, *extra) -> list[str]:
+    return [sys.executable, "-m", "ekfac_influence", stage, "--config", "run.yaml", "--quiet", "--run", run, *extra]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("project")
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "corpus.jsonl", "w") as handle:
+        for topic, text in pydoc_documents()[:4]:
+            handle.write(json.dumps({"name": topic, "text": text[:3000]}) + "\n")
+    (root / "queries.jsonl").write_text(json.dumps({"id": "a", "prompt": "The assert statement", "completion": " is a debugging aid"}) + "\n")
+    config = {"model": {"path": "model"}, "corpus": {"path": "corpus.jsonl", "id_column": "name", "length": 32},
+              "fit": {"batch_size": 1, "checkpoint_batches": 1}, "factors": {"factor_dtype": "float64"},
+              "queries": {"file": "queries.jsonl", "name": "q"},
+              "query": {"rank": 4, "rerank": 5, "top_k": 3, "batch_size": 1, "checkpoint_batches": 1, "compute_dtype": "float64"}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    for stage in ("fit", "query"):
+        done = subprocess.run(command(stage, "runs/reference"), cwd=root, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 120) -> int:
+    """SIGKILL the process once `progress` (a checkpoint's JSON) says at least `at_batch` batches are done."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the process ended before it could be killed (its pass was shorter than {at_batch} batches?)")
+        try:
+            done = json.loads(progress.read_text())["next_batch"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            done = 0
+        if done >= at_batch:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return done
+        time.sleep(0.002)
+    process.kill()
+    pytest.fail(f"{progress} never reached batch {at_batch}")
+
+
+def assert_same_factors(a: Path, b: Path) -> None:
+    first, second = load_file(str(a / "factors.safetensors")), load_file(str(b / "factors.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=1e-12, atol=1e-15, msg=key)
+
+
+@pytest.mark.parametrize("pass_name", ["covariances", "correction"])
+def test_a_fit_killed_midway_resumes_and_gives_the_factors_of_an_uninterrupted_fit(project, pass_name):
+    run = f"runs/killed-{pass_name}"
+    process = subprocess.Popen(command("fit", run), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reached = kill_when(process, project / run / "factors.partial" / f"{pass_name}.rank0.json", at_batch=5)
+    total = int(json.loads((project / "runs/reference/manifest.json").read_text())["num_sequences"])
+    assert reached < total  # killed in the middle of the pass
+    assert not (project / run / "factors").exists()
+    resumed = subprocess.run(command("fit", run), cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming the {pass_name} pass at batch" in resumed.stdout
+    assert_same_factors(project / "runs/reference/factors", project / run / "factors")
+    assert not (project / run / "factors.partial").exists()
+
+
+def test_a_query_killed_during_its_scan_resumes_and_gives_the_scores_of_an_uninterrupted_one(project):
+    import shutil
+
+    run = "runs/killed-scan"
+    shutil.copytree(project / "runs/reference", project / run, ignore=shutil.ignore_patterns("queries"))
+    process = subprocess.Popen(command("query", run), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill_when(process, project / run / "queries" / ".q.partial" / "scan.rank0.json", at_batch=5)
+    assert not (project / run / "queries" / "q").exists()
+    resumed = subprocess.run(command("query", run), cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the scan at batch" in resumed.stdout
+    reference, again = project / "runs/reference/queries/q", project / run / "queries" / "q"
+    np.testing.assert_array_equal(np.fromfile(again / "scores.f32", dtype=np.float32),
+                                  np.fromfile(reference / "scores.f32", dtype=np.float32))
+    assert (again / "topk.jsonl").read_text() == (reference / "topk.jsonl").read_text()
+    assert not (project / run / "queries" / ".q.partial").exists()
