@@ -5,20 +5,33 @@ Influence functions with EK-FAC curvature (Grosse et al., 2023). See DESIGN §3 
     factors = fit_factors(model, train_batches, objective, FactorConfig(strategy="ekfac"))
     result = compute_scores(model, factors, query_batches, train_batches, objective, ScoreConfig())
     top_k(result, 10)
+
+and for Hugging Face causal LMs over a packed corpus:
+
+    model, tokenizer = load_causal_lm("path/to/model")           # a save_pretrained directory or a .gguf file
+    corpus = pack(documents, tokenizer, length=512)             # (document id, text) pairs
+    results = query_influence(model, tokenizer, factors, corpus, [("prompt", " completion")], QueryConfig())
 """
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, FactorConfig, ScoreConfig
+from .config import ConfigError, FactorConfig, QueryConfig, RunConfig, ScoreConfig, load_run_config
+from .data import DataError, PackedCorpus, Query, load_corpus, pack, pack_to_disk, read_queries
 from .factors import Factors, LayerFactors
-from .model import LayerSelectionError, TrackedLayer, fingerprint, select_layers
+from .model import LayerSelectionError, ModelLoadError, TrackedLayer, fingerprint, load_causal_lm, select_layers
 from .objectives import CausalLMObjective, ClassificationObjective, LabelSampler, Objective
+from .passes import NonFiniteError
 from .pipeline import FactorMismatchError, compute_scores, fit_factors
+from .query import QueryResults, query_influence
 from .scores import ScoreResult, TopK, top_k
+from .shortlist import ShortlistError, ShortlistIndex, recall_at_k, shortlist_recall
 from .storage import StorageError
 
 __all__ = [
-    "CausalLMObjective", "ClassificationObjective", "ConfigError", "FactorConfig", "FactorMismatchError", "Factors",
-    "LabelSampler", "LayerFactors", "LayerSelectionError", "Objective", "ScoreConfig", "ScoreResult", "StorageError",
-    "TopK", "TrackedLayer", "compute_scores", "fingerprint", "fit_factors", "select_layers", "top_k",
+    "CausalLMObjective", "ClassificationObjective", "ConfigError", "DataError", "FactorConfig", "FactorMismatchError",
+    "Factors", "LabelSampler", "LayerFactors", "LayerSelectionError", "ModelLoadError", "NonFiniteError", "Objective",
+    "PackedCorpus", "Query", "QueryConfig", "QueryResults", "RunConfig", "ScoreConfig", "ScoreResult", "ShortlistError",
+    "ShortlistIndex", "StorageError", "TopK", "TrackedLayer", "compute_scores", "fingerprint", "fit_factors",
+    "load_causal_lm", "load_corpus", "load_run_config", "pack", "pack_to_disk", "query_influence", "read_queries",
+    "recall_at_k", "select_layers", "shortlist_recall", "top_k",
 ]

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     from . import distributed
     from .config import ConfigError, load_run_config
     from .data import DataError, Query
@@ -75,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     from .storage import StorageError
 
     user_errors = (ConfigError, DataError, ModelLoadError, LayerSelectionError, FactorMismatchError, StorageError,
-                   FileNotFoundError, PermissionError, ValueError)
+                   FileNotFoundError, ValueError)
+    config = None
     try:
+        if unknown:
+            raise ConfigError(_unknown_options(parser, args.command, unknown))
         overrides = [(key, value) for key, value in vars(args).items() if "." in key or key == "run"]
         config = load_run_config(args.config, overrides)
         if args.command == "demo" and args.config is None:
@@ -105,17 +109,32 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(config, quick=args.quick, overwrite=args.overwrite, show_progress=show)
     except user_errors as error:
         if distributed.is_main():
-            print(f"ekfac-influence {args.command}: error: {error}", file=sys.stderr)
+            print(f"ekfac-influence {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    except OSError as error:  # a full or read-only disk, a file that vanished
+    except OSError as error:  # a full or read-only disk, a path under a file
         if distributed.is_main():
-            print(f"ekfac-influence {args.command}: error: {error.strerror or error} "
-                  f"({error.filename or 'the run directory'}); free space or choose a writable --run", file=sys.stderr)
+            where = error.filename or (config.run if config is not None else "the run directory")
+            advice = {28: "free some space or choose another --run", 30: "choose a writable --run",
+                      13: "choose a writable --run", 20: "a part of the path is a file: choose another --run"}
+            print(f"ekfac-influence {args.command}: error: {error.strerror or error} ({where}); "
+                  f"{advice.get(error.errno, 'check the path and the disk, or choose another --run')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ekfac-influence {args.command}: interrupted; finished stages are kept, rerun to go on", file=sys.stderr)
         return 130
     return 0
+
+
+def _unknown_options(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """One line naming the first unknown option, with the closest known one."""
+    import difflib
+
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[command]
+    known = [option for action in sub._actions for option in action.option_strings]
+    option = next((u.split("=")[0] for u in unknown if u.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f"; see ekfac-influence {command} --help"
+    return f"unknown option {option}{hint}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,12 @@ class FactorConfig:
     correction_order: str = "auto"
     """EK-FAC contraction order: rotate tokens first, rotate per-sequence gradients, or auto (cheaper)."""
 
+    blocks: int = 1
+    """Split A and S into this many diagonal blocks (the paper's 52B setting: 2); 1 = full factors."""
+
+    block_min_dim: int = 0
+    """Only factors at least this wide are split into blocks."""
+
     max_exact_params: int = 20_000
     """The exact strategy refuses models with more tracked parameters than this (G is P × P)."""
 
@@ -71,6 +77,8 @@ class FactorConfig:
         _require(self.correction_order in CORRECTION_ORDERS, "correction_order",
                  f"{self.correction_order!r} is not one of {CORRECTION_ORDERS}")
         _require(self.max_exact_params > 0, "max_exact_params", "must be > 0")
+        _require(self.blocks >= 1, "blocks", f"must be >= 1, got {self.blocks}")
+        _require(self.block_min_dim >= 0, "block_min_dim", f"must be >= 0, got {self.block_min_dim}")
         _require(self.lissa_max_iterations > 0, "lissa_max_iterations", "must be > 0")
         _require(self.lissa_tolerance > 0, "lissa_tolerance", "must be > 0")
         _require(self.lissa_scale is None or self.lissa_scale > 0, "lissa_scale", "must be > 0")
@@ -78,6 +86,13 @@ class FactorConfig:
             _require(isinstance(self.layers, (tuple, list)) and len(self.layers) > 0, "layers",
                      "must be a non-empty list of name patterns or None")
             object.__setattr__(self, "layers", tuple(self.layers))
+            import re
+
+            for pattern in self.layers:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as error:
+                    raise ConfigError(f"layers: {pattern!r} is not a regular expression ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -180,6 +195,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype",
                  f"{self.dtype!r} is not one of float32, float64, bfloat16, float16")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"model.device: {self.device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
 
 
 @dataclass(frozen=True)
@@ -200,6 +222,9 @@ class CorpusConfig:
 
     length: int = 512
     """Tokens per packed training sequence."""
+
+    separate_documents: bool = False
+    """Start every document in a new sequence (its last one padded) instead of packing documents end to end."""
 
     max_documents: int | None = None
     """Read only the first documents (a quick trial); None = all."""
@@ -374,7 +399,34 @@ def from_dict(cls, values: dict):
     for key in ("layers", "formats"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
+    for field in dataclasses.fields(cls):
+        if field.name in values:
+            values[field.name] = _checked_type(field, values[field.name])
     return cls(**values)
+
+
+def _checked_type(field: dataclasses.Field, value):
+    """The value, if it has the field's declared type (an int is a float; None only where allowed)."""
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    allowed = [part.strip() for part in annotation.split("|")]
+    if value is None:
+        if "None" in allowed:
+            return None
+        raise ConfigError(f"{field.name}: must be given (null is not allowed here)")
+    kinds = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+    for part in allowed:
+        if part == "bool" and isinstance(value, bool):
+            return value
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if part == "str" and isinstance(value, str):
+            return value
+        if part.startswith("tuple") and isinstance(value, (tuple, list)):
+            return tuple(value)
+    wanted = " or ".join(kinds.get(part, "a list" if part.startswith("tuple") else part) for part in allowed if part != "None")
+    raise ConfigError(f"{field.name}: {value!r} is not {wanted}")
 
 
 def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
@@ -396,19 +448,22 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         try:
             values = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {file} is not valid YAML: {error}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"config file {file} is not valid YAML{where}: {problem}") from None
         source = str(file)
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: expected a mapping of sections (run, model, corpus, ...)")
     for dotted, raw in overrides:
         parts = dotted.split(".")
+        if parts == ["run"]:
+            values["run"] = raw  # a path, taken as written
+            continue
         try:
             value = yaml.safe_load(raw) if isinstance(raw, str) else raw
         except yaml.YAMLError:
             value = raw
-        if parts == ["run"]:
-            values["run"] = str(value)
-            continue
         if len(parts) != 2:
             raise ConfigError(f"override --{dotted}: expected --section.key (e.g. --query.rank 64)")
         section = values.setdefault(parts[0], {})

@@ -60,6 +60,9 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
         files = sorted(p for p in path.iterdir() if p.suffix in FORMATS) if path.is_dir() else [path]
         if not files:
             raise DataError(f"{path} holds no corpus file ({', '.join(FORMATS)})")
+        empty = [p for p in files if p.stat().st_size == 0]
+        if empty:
+            raise DataError(f"corpus {empty[0]} is empty")
         kinds = {FORMATS.get(p.suffix) for p in files}
         if None in kinds or len(kinds) > 1:
             raise DataError(f"corpus files must share one of the formats {', '.join(FORMATS)}; got "
@@ -162,33 +165,42 @@ def pad_token_id(tokenizer) -> int:
 
 
 def pack(documents: Iterable[tuple[str, str]], tokenizer, *, length: int = 512, add_eos: bool = True,
-         show_progress: bool = False, total: int | None = None) -> PackedCorpus:
+         separate_documents: bool = False, show_progress: bool = False, total: int | None = None) -> PackedCorpus:
     """Concatenate the documents (each followed by EOS) and cut the stream into `length`-token sequences.
 
     documents: (document id, text) pairs. Empty documents are skipped (their id appears nowhere).
+    With `separate_documents`, every document starts a new sequence (its last one padded).
     Held in memory; `pack_to_disk` streams a corpus of any size to a directory instead.
     """
     rows, lengths, provenance = [], [], []
-    for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, show_progress, total):
+    for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, separate_documents, show_progress, total):
         rows.append(np.asarray(ids, dtype=np.int32)), lengths.append(real), provenance.append(pieces)
     tokens_NT = np.stack(rows)
     return PackedCorpus(tokens_NT, np.asarray(lengths, dtype=np.int64), provenance, pad_token_id(tokenizer),
-                        tokenizer_id(tokenizer), hashlib.sha256(tokens_NT.tobytes()).hexdigest()[:16])
+                        tokenizer_id(tokenizer), corpus_hash(hashlib.sha256(tokens_NT.tobytes()).hexdigest(), *tokens_NT.shape))
+
+
+def corpus_hash(tokens_sha256: str, num_sequences: int, length: int) -> str:
+    """The corpus id: its tokens and its shape (the same token stream cut at another length is another corpus)."""
+    return hashlib.sha256(f"{tokens_sha256}:{num_sequences}x{length}".encode()).hexdigest()[:16]
 
 
 def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, length: int = 512, add_eos: bool = True,
-                 overwrite: bool = False, show_progress: bool = False, total: int | None = None,
-                 meta: dict | None = None) -> PackedCorpus:
+                 separate_documents: bool = False, overwrite: bool = False, show_progress: bool = False,
+                 total: int | None = None, meta: dict | None = None) -> PackedCorpus:
     """`pack`, written row by row into the corpus directory `path` (atomic); memory stays one row."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    created = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    finished = False
     try:
         count = 0
         with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / PROVENANCE_FILE, "w") as prov:
-            for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, show_progress, total):
+            for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, separate_documents,
+                                                  show_progress, total):
                 tokens.write(np.asarray(ids, dtype=np.int32).tobytes())
                 prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
                 count += 1
@@ -196,21 +208,27 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+        finished = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not finished:  # leave no trace of a failed packing: the directories it made go too
+            for directory in created:
+                if directory.exists() and not any(directory.iterdir()):
+                    directory.rmdir()
     return PackedCorpus.load(path)
 
 
 def _write_manifest(directory: Path, count: int, length: int, pad_id: int, tokenizer_hash: str, meta: dict) -> str:
     checksums = {name: _sha256(directory / name) for name in (TOKENS_FILE, PROVENANCE_FILE)}
-    corpus_id = checksums[TOKENS_FILE][:16]
+    corpus_id = corpus_hash(checksums[TOKENS_FILE], count, length)
     manifest = {"kind": "ekfac_influence.corpus", "num_sequences": count, "length": length, "pad_token_id": pad_id,
                 "tokenizer_id": tokenizer_hash, "corpus_id": corpus_id, "checksums": checksums, "meta": meta}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return corpus_id
 
 
-def _packed_rows(documents, tokenizer, length: int, add_eos: bool, show_progress: bool, total: int | None):
+def _packed_rows(documents, tokenizer, length: int, add_eos: bool, separate: bool, show_progress: bool,
+                 total: int | None):
     """Yield (ids of one full-length row, its number of real tokens, its document pieces)."""
     if length < 2:
         raise DataError(f"sequence length must be at least 2 tokens, got {length}")
@@ -235,6 +253,9 @@ def _packed_rows(documents, tokenizer, length: int, add_eos: bool, show_progress
             if len(buffer) == length:
                 yield buffer, length, pieces
                 buffer, pieces, produced = [], [], True
+        if separate and buffer:
+            yield buffer + [pad_token_id(tokenizer)] * (length - len(buffer)), len(buffer), pieces
+            buffer, pieces, produced = [], [], True
     if buffer:
         yield buffer + [pad_token_id(tokenizer)] * (length - len(buffer)), len(buffer), pieces
     elif not produced:
@@ -315,6 +336,8 @@ def read_queries(path) -> list[Query]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"query file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"query file {path} is not a file; set queries.file to a JSONL file")
     queries = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

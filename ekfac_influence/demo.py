@@ -35,7 +35,7 @@ QUERIES = [
 ]
 DEFAULTS = {  # the stages' settings; configs/demo.yaml spells out the same
     "run": "runs/demo",
-    "corpus": {"text_column": "text", "id_column": "topic", "length": 64},
+    "corpus": {"text_column": "text", "id_column": "topic", "length": 64, "separate_documents": True},
     "fit": {"batch_size": 32},
     "factors": {"strategy": "ekfac"},
     "queries": {"name": "demo"},

@@ -96,6 +96,21 @@ def sum_reduce_(tensors: list[torch.Tensor]) -> None:
             offset += t.numel()
 
 
+def broadcast_tensors_(tensors: list[torch.Tensor], src: int) -> None:
+    """Overwrite `tensors` on every process with process `src`'s (one flattened broadcast)."""
+    if world() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+    if flat.device.type == "cpu" and dist.get_backend() == "nccl":  # pragma: no cover - GPU clusters
+        flat = flat.cuda()
+    dist.broadcast(flat, src=src)
+    TRAFFIC["broadcast_bytes"] = TRAFFIC.get("broadcast_bytes", 0) + flat.numel() * flat.element_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.device, t.dtype))
+        offset += t.numel()
+
+
 def sum_scalar(value: float) -> float:
     if world() == 1:
         return value

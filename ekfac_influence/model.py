@@ -162,8 +162,9 @@ def load_tokenizer(path):
     directory, extra = resolve_model_path(path)
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **extra)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {error}") from None
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {path} (save the tokenizer beside the model: "
+                             f"tokenizer.save_pretrained(...)): {error}") from None
 
 
 def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
@@ -184,6 +185,10 @@ def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ModelLoadError(f"the tokenizer at {path} has {len(tokenizer)} tokens but the model's embedding has "
                              f"{model.get_input_embeddings().num_embeddings}: they do not belong together")
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise ModelLoadError(f"parameter {name} of the model at {path} holds NaN or inf values; the checkpoint is "
+                                 f"corrupted or training diverged: use a healthy checkpoint")
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import FactorConfig, ScoreConfig
-from .factors import (Factors, LayerFactors, covariance, damping_for, eigendecompose, rotated_sequence_gradients,
+from .factors import (Factors, LayerFactors, blocked_covariance, damping_for, eigendecompose, factor_blocks,
+                      rotated_sequence_gradients,
                       sequence_gradients)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
@@ -62,9 +63,7 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
         else:
             fitted, num_sequences, num_tokens = collect_covariances(model, layers, train_batches, objective, config,
                                                                     show_progress, checkpoint)
-            for layer in fitted:
-                layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II)
-                layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
+            eigendecompose_layers(fitted, config)
             if config.strategy == "kfac":
                 tokens_per_sequence = num_tokens / num_sequences
                 for layer in fitted:
@@ -89,6 +88,26 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
     )
 
 
+def eigendecompose_layers(fitted: list[LayerFactors], config: FactorConfig) -> None:
+    """Eigendecompose A and S of every layer, the layers divided among the processes.
+
+    Process r decomposes layers r, r + world, ...; then each layer's eigenvectors and eigenvalues
+    are broadcast from the process that computed them (the matrices are identical everywhere after
+    the covariance pass's reduce, so the results equal a single process's).
+    """
+    world, rank = distributed.world(), distributed.rank()
+    for i, layer in enumerate(fitted):
+        if i % world == rank:
+            layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II, factor_blocks(layer.in_dim, config))
+            layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO, factor_blocks(layer.out_dim, config))
+        else:
+            layer.eigA_I, layer.QA_II = torch.empty_like(layer.A_II[0]), torch.empty_like(layer.A_II)
+            layer.eigS_O, layer.QS_OO = torch.empty_like(layer.S_OO[0]), torch.empty_like(layer.S_OO)
+    if world > 1:
+        for i, layer in enumerate(fitted):
+            distributed.broadcast_tensors_([layer.eigA_I, layer.QA_II, layer.eigS_O, layer.QS_OO], src=i % world)
+
+
 def count_sequences(batches: Iterable) -> int:
     return sum(batch_size(batch) for batch in batches)
 
@@ -108,8 +127,8 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
         num_sequences += item.num_sequences
         num_tokens += item.num_tokens
         for layer in layers:
-            A_II = covariance(item.acts[layer.name].flatten(0, 1))
-            S_OO = covariance(item.grads[layer.name].flatten(0, 1))
+            A_II = blocked_covariance(item.acts[layer.name].flatten(0, 1), factor_blocks(layer.in_dim, config))
+            S_OO = blocked_covariance(item.grads[layer.name].flatten(0, 1), factor_blocks(layer.out_features, config))
             sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
             sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
         _save_partial(checkpoint, "covariances", item.index + 1, {"A": sums_A, "S": sums_S}, num_sequences, num_tokens)
@@ -187,13 +206,17 @@ def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, conf
         num_sequences, num_tokens
 
 
+def check_exact_size(layers: list[TrackedLayer], config: FactorConfig) -> None:
+    total = sum(l.num_params for l in layers)
+    if config.strategy == "exact" and total > config.max_exact_params:
+        raise ValueError(f"strategy 'exact' builds a {total} × {total} Gauss-Newton; that exceeds max_exact_params="
+                         f"{config.max_exact_params}. Track fewer layers or raise the limit.")
+
+
 def _fit_exact(model, layers, batches, objective, config: FactorConfig, show_progress: bool):
     from .evaluate import exact_ggn
 
-    total = sum(l.num_params for l in layers)
-    if total > config.max_exact_params:
-        raise ValueError(f"strategy 'exact' builds a {total} × {total} Gauss-Newton; that exceeds max_exact_params="
-                         f"{config.max_exact_params}. Track fewer layers or raise the limit.")
+    check_exact_size(layers, config)
     ggn_PP, num_sequences, num_tokens = exact_ggn(model, layers, batches, objective, show_progress=show_progress)
     fitted, offset = [], 0
     for l in layers:

@@ -131,9 +131,10 @@ def check_index_matches(index, corpus: PackedCorpus) -> None:
         raise ValueError("candidates = shortlist needs a shortlist index: build one (ekfac-influence index) and pass it")
     if index.num_sequences != len(corpus) or (index.corpus_id and index.corpus_id != corpus.corpus_id):
         raise DataError(f"the shortlist index was built over another corpus ({index.num_sequences} sequences, id "
-                        f"{index.corpus_id}; this corpus has {len(corpus)}, id {corpus.corpus_id}); rebuild the index")
+                        f"{index.corpus_id}; this corpus has {len(corpus)}, id {corpus.corpus_id}); rebuild it "
+                        f"(ekfac-influence index --overwrite)")
     if index.tokenizer_id and index.tokenizer_id != corpus.tokenizer_id:
-        raise DataError("the shortlist index was built with another tokenizer; rebuild the index")
+        raise DataError("the shortlist index was built with another tokenizer; rebuild it (ekfac-influence index --overwrite)")
 
 
 def shortlist_candidates(index, encoded: list[EncodedQuery], k: int) -> list[np.ndarray]:

@@ -26,7 +26,7 @@ from .data import tokenizer_id as tokenizer_hash
 from .factors import Factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
-from .pipeline import fit_factors
+from .pipeline import check_exact_size, fit_factors
 from .storage import PassCheckpoint, StorageError, atomic_write_text
 
 CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
@@ -57,13 +57,20 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
         if not config.corpus.path:
             raise DataError("no corpus given: set corpus.path (a JSONL, text, parquet or CSV file, or a saved dataset)")
         dataset = load_corpus(config.corpus.path, text_column=config.corpus.text_column, split=config.corpus.split)
+        if config.corpus.id_column is not None and config.corpus.id_column not in dataset.column_names:
+            raise DataError(f"corpus {config.corpus.path} has no id column {config.corpus.id_column!r} (columns: "
+                            f"{', '.join(dataset.column_names)}); set corpus.id_column")
         if config.corpus.max_documents is not None:
             dataset = dataset.select(range(min(len(dataset), config.corpus.max_documents)))
         documents = dataset_documents(dataset, text_column=config.corpus.text_column, id_column=config.corpus.id_column)
         distributed.print0(f"packing {len(dataset)} documents of {config.corpus.path} into sequences of "
                            f"{config.corpus.length} tokens")
-        pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
-                     show_progress=show_progress, total=len(dataset), meta={"corpus": to_dict(config.corpus)})
+        try:
+            pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
+                         separate_documents=config.corpus.separate_documents,
+                         show_progress=show_progress, total=len(dataset), meta={"corpus": to_dict(config.corpus)})
+        except DataError as error:
+            raise DataError(f"corpus {config.corpus.path}: {error}") from None
     distributed.barrier()
     return PackedCorpus.load(path)
 
@@ -86,6 +93,19 @@ def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
     atomic_write_text(path, json.dumps(manifest, indent=2))
 
 
+def check_writable(path) -> None:
+    """Fail now, not after hours of work, when the run directory cannot be written (creates nothing)."""
+    import tempfile
+
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(path))
+    with tempfile.TemporaryFile(dir=existing):
+        pass
+
+
 def require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command} --config ...)")
@@ -96,20 +116,21 @@ def require(path: Path, what: str, command: str) -> None:
 
 def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Factors:
     """Pack the corpus (once) and fit the curvature factors of the model's tracked layers."""
+    check_writable(config.run)
     model, tokenizer = load_model(config)
     layers = select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before work
+    check_exact_size(layers, config.factors)
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / FACTORS
     if path.exists() and not overwrite:
         existing = Factors.load(path)
-        same = (existing.fingerprint == fingerprint(model, layers) and to_dict(existing.config) == to_dict(config.factors)
-                and existing.num_sequences == len(corpus))
-        if same:
+        differences = _differences(existing, model, layers, config, corpus)
+        if not differences:
             distributed.print0(f"{path}: factors already fitted with this model and config; nothing to do "
                                f"(--overwrite refits)")
             return existing
-        raise StorageError(f"{path} holds factors fitted for another model, corpus or factors config; pass "
-                           f"--overwrite to replace them or use another run directory")
+        raise StorageError(f"{path} holds factors fitted for {'; '.join(differences)}; pass --overwrite to replace "
+                           f"them or use another run directory")
     distributed.print0(f"fitting {config.factors.strategy} factors of {len(layers)} layers on {len(corpus)} sequences")
     started = time.time()
     key = {"fingerprint": fingerprint(model, layers), "factors": to_dict(config.factors), "corpus_id": corpus.corpus_id,
@@ -130,10 +151,27 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     return factors
 
 
+def _differences(existing: Factors, model, layers, config: RunConfig, corpus: PackedCorpus) -> list[str]:
+    """What differs between stored factors and the ones this config would fit, in words."""
+    found = []
+    if existing.layer_names != [l.name for l in layers]:
+        found.append(f"layers {existing.layer_names[:3]}{'...' if len(existing.layer_names) > 3 else ''}, not the "
+                     f"{len(layers)} layers asked for")
+    elif existing.fingerprint != fingerprint(model, layers):
+        found.append(f"another model (fingerprint {existing.fingerprint}, this one is {fingerprint(model, layers)})")
+    old, new = to_dict(existing.config), to_dict(config.factors)
+    changed = [f"factors.{key} = {old.get(key)!r} (now {value!r})" for key, value in new.items() if old.get(key) != value]
+    found += changed
+    if existing.num_sequences != len(corpus):
+        found.append(f"{existing.num_sequences} training sequences (the corpus now has {len(corpus)})")
+    return found
+
+
 def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
     """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
     from .shortlist import ShortlistError, ShortlistIndex
 
+    check_writable(config.run)
     tokenizer = load_tokenizer(config.model.path)
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / INDEX
@@ -165,6 +203,7 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     from .query import query_influence
 
     run = Path(config.run)
+    check_writable(run)
     require(run / FACTORS, "fit the factors", "fit")
     if queries is None:
         if not config.queries.file:
@@ -200,6 +239,7 @@ def export(config: RunConfig, *, overwrite: bool = False) -> dict:
 
     source = Path(config.run) / QUERIES / config.queries.name
     require(source, "answer queries", "query")
+    check_writable(source)
     written = {}
     if distributed.is_main():
         written = export_report(source, formats=config.export.formats, top=config.export.top, overwrite=overwrite)

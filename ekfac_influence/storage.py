@@ -85,7 +85,8 @@ def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
     if expected is None:
         raise StorageError(f"{manifest_path} has no checksum for {FACTORS_FILE}; the manifest is incomplete or corrupted")
     if sha256_file(tensor_path) != expected:
-        raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted")
+        raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted: "
+                           f"compute it again (e.g. ekfac-influence fit --overwrite)")
     return load_file(str(tensor_path)), manifest
 
 
@@ -116,6 +117,10 @@ def load_factors(path) -> Factors:
     tensors, manifest = read_stage(path)
     if manifest.get("kind") != "ekfac_influence.factors":
         raise StorageError(f"{path} does not hold ekfac_influence factors")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "
+                               f"(ekfac-influence fit --overwrite)")
     layers = []
     for entry in manifest["layers"]:
         fields = {key: tensors[f"{entry['name']}/{key}"] for key in LayerFactors.TENSORS if f"{entry['name']}/{key}" in tensors}

@@ -167,3 +167,13 @@ def test_query_files_are_read_and_their_mistakes_located(tmp_path):
         path.write_text(text)
         with pytest.raises(DataError, match=message):
             read_queries(path)
+
+
+def test_separate_documents_start_each_document_in_a_new_sequence():
+    tokenizer = bpe_tokenizer()
+    corpus = pack(DOCS, tokenizer, length=16, separate_documents=True)
+    for pieces in corpus.provenance:
+        assert len(pieces) == 1 and pieces[0]["token_span"][0] == 0
+    per_doc = {doc: len(tokenizer(text)["input_ids"]) + 1 for doc, text in DOCS if text}
+    assert sorted(corpus.lengths_N.tolist()) == sorted(
+        [16] * sum(n // 16 for n in per_doc.values()) + [n % 16 for n in per_doc.values() if n % 16])
