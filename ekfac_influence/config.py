@@ -57,6 +57,10 @@ class FactorConfig:
     block_min_dim: int = 0
     """Only factors at least this wide are split into blocks."""
 
+    memory_budget_gb: float | None = None
+    """Fit kfac/ekfac factors in groups of layers whose factors fit in this many GiB (each group
+    costs its own passes over the data); None = all layers at once."""
+
     max_exact_params: int = 20_000
     """The exact strategy refuses models with more tracked parameters than this (G is P × P)."""
 
@@ -78,6 +82,7 @@ class FactorConfig:
                  f"{self.correction_order!r} is not one of {CORRECTION_ORDERS}")
         _require(self.max_exact_params > 0, "max_exact_params", "must be > 0")
         _require(self.blocks >= 1, "blocks", f"must be >= 1, got {self.blocks}")
+        _require(self.memory_budget_gb is None or self.memory_budget_gb > 0, "memory_budget_gb", "must be > 0 or null")
         _require(self.block_min_dim >= 0, "block_min_dim", f"must be >= 0, got {self.block_min_dim}")
         _require(self.lissa_max_iterations > 0, "lissa_max_iterations", "must be > 0")
         _require(self.lissa_tolerance > 0, "lissa_tolerance", "must be > 0")

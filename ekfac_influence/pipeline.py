@@ -61,16 +61,16 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 extra["lissa_scale"] = config.lissa_scale or estimate_lissa_scale(
                     model, layers, train_batches, objective, damping, seed=config.seed)
         else:
-            fitted, num_sequences, num_tokens = collect_covariances(model, layers, train_batches, objective, config,
-                                                                    show_progress, checkpoint)
-            eigendecompose_layers(fitted, config)
-            if config.strategy == "kfac":
-                tokens_per_sequence = num_tokens / num_sequences
-                for layer in fitted:
-                    layer.lambda_OI = tokens_per_sequence * torch.outer(layer.eigS_O, layer.eigA_I)
-            else:
-                correct_eigenvalues(model, layers, fitted, train_batches, objective, config, show_progress, checkpoint)
-            extra = {}
+            groups = layer_groups(layers, config.memory_budget_gb)
+            fitted, extra = [], {}
+            for number, group in enumerate(groups):
+                if len(groups) > 1:
+                    distributed.print0(f"layer group {number + 1}/{len(groups)}: {len(group)} layers")
+                part = None if checkpoint is None or len(groups) == 1 else checkpoint.child(f"group{number}")
+                group_fitted, num_sequences, num_tokens = _fit_kronecker(model, group, train_batches, objective, config,
+                                                                         show_progress, part if len(groups) > 1 else checkpoint)
+                # off the device before the next group: the budget is per group
+                fitted += [layer.to(torch.float64, "cpu") for layer in group_fitted] if len(groups) > 1 else group_fitted
     for layer in fitted:
         check_finite("factors", layer.tensors(), "the fitted factors")
         if layer.lambda_OI is not None:
@@ -86,6 +86,45 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
         ggn_PP=extra.get("ggn_PP"),
         lissa_scale=extra.get("lissa_scale"),
     )
+
+
+def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig, show_progress: bool,
+                   checkpoint: PassCheckpoint | None) -> tuple[list[LayerFactors], int, int]:
+    """kfac / ekfac for a set of layers: the covariance pass, eigendecompositions, the correction pass."""
+    fitted, num_sequences, num_tokens = collect_covariances(model, layers, batches, objective, config, show_progress,
+                                                            checkpoint)
+    eigendecompose_layers(fitted, config)
+    if config.strategy == "kfac":
+        tokens_per_sequence = num_tokens / num_sequences
+        for layer in fitted:
+            layer.lambda_OI = tokens_per_sequence * torch.outer(layer.eigS_O, layer.eigA_I)
+    else:
+        correct_eigenvalues(model, layers, fitted, batches, objective, config, show_progress, checkpoint)
+    return fitted, num_sequences, num_tokens
+
+
+def factor_bytes(layer: TrackedLayer) -> int:
+    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S and Λ in float64."""
+    I, O = layer.in_dim, layer.out_features
+    return 8 * (2 * I * I + 2 * O * O + O * I)
+
+
+def layer_groups(layers: list[TrackedLayer], budget_gb: float | None) -> list[list[TrackedLayer]]:
+    """Consecutive groups of layers whose factors fit in the budget (one group without a budget).
+
+    Each group costs its own passes over the data (two for ekfac), so a tight budget trades memory
+    for time; a layer larger than the budget on its own gets a group of its own.
+    """
+    if budget_gb is None:
+        return [layers]
+    budget, groups, size = budget_gb * 2**30, [[]], 0
+    for layer in layers:
+        if groups[-1] and size + factor_bytes(layer) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(layer)
+        size += factor_bytes(layer)
+    return groups
 
 
 def eigendecompose_layers(fitted: list[LayerFactors], config: FactorConfig) -> None:

@@ -179,6 +179,12 @@ class PassCheckpoint:
         atomic_write_text(stem.with_suffix(stem.suffix + ".json"), json.dumps(dict(meta, key=self.key, sha256=digest)))
         self._last = time.monotonic()
 
+    def child(self, name: str) -> "PassCheckpoint":
+        """The same checkpoint, kept in a subdirectory (one per group of layers)."""
+        other = PassCheckpoint.__new__(PassCheckpoint)
+        other.__dict__.update(self.__dict__, directory=self.directory / name)
+        return other
+
     def due(self, batches_done: int) -> bool:
         if self.every_batches is not None:
             return batches_done % self.every_batches == 0

@@ -186,3 +186,21 @@ def test_exact_gauss_newton_of_a_transformer_equals_the_mean_of_sampled_fishers_
     estimate = total / (2 * copies)
     relative_error = ((estimate - G).norm() / G.norm()).item()
     assert relative_error < 0.1, relative_error
+
+
+def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factors(trained_llama):
+    from ekfac_influence.pipeline import factor_bytes, layer_groups
+
+    train = lm_batches(char_sequences(16, 24), 4)
+    objective = ei.CausalLMObjective()
+    layers = ei.select_layers(trained_llama)
+    budget_gb = 1.5 * max(factor_bytes(l) for l in layers) / 2**30
+    assert len(layer_groups(layers, budget_gb)) > 2  # the budget really splits the work
+    whole = ei.fit_factors(trained_llama, train, objective, ei.FactorConfig(factor_dtype="float64"), show_progress=False)
+    grouped = ei.fit_factors(trained_llama, train, objective, ei.FactorConfig(factor_dtype="float64", memory_budget_gb=budget_gb),
+                             show_progress=False)
+    assert grouped.layer_names == whole.layer_names
+    for a, b in zip(whole.layers, grouped.layers):
+        torch.testing.assert_close(b.lambda_OI, a.lambda_OI, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(b.A_II, a.A_II, rtol=1e-10, atol=1e-14)
+        assert b.damping == pytest.approx(a.damping, rel=1e-10)
