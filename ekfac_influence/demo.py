@@ -50,7 +50,7 @@ class DemoConfig:
     vocab_size: int = 2048
     hidden: int = 128
     layers: int = 4
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = 0
