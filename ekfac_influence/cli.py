@@ -87,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo_run_config
 
             config = demo_run_config(overrides, quick=args.quick)
-        show = not args.quiet
+        show = not args.quiet and distributed.is_main()
+        if not show:  # Hugging Face's own bars ("Loading weights", "Generating train split") too
+            import datasets
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            datasets.disable_progress_bars()
         from . import run
 
         if args.command == "fit":

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
-TOKENS_FILE, PROVENANCE_FILE, MANIFEST_FILE = "tokens.bin", "provenance.jsonl", "manifest.json"
+TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE, MANIFEST_FILE = "tokens.bin", "lengths.bin", "provenance.jsonl", "manifest.json"
 
 
 class DataError(ValueError):
@@ -113,6 +114,7 @@ class PackedCorpus:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         try:
             np.ascontiguousarray(self.tokens_NT, dtype=np.int32).tofile(tmp / TOKENS_FILE)
+            np.asarray(self.lengths_N, dtype=np.int32).tofile(tmp / LENGTHS_FILE)
             with open(tmp / PROVENANCE_FILE, "w") as handle:
                 for n, pieces in enumerate(self.provenance):
                     handle.write(json.dumps({"sequence": n, "length": int(self.lengths_N[n]), "pieces": pieces}) + "\n")
@@ -139,14 +141,39 @@ class PackedCorpus:
                             f"is {tokenizer_id}); pack it again with this model's tokenizer")
         N, T = manifest["num_sequences"], manifest["length"]
         tokens = np.memmap(path / TOKENS_FILE, dtype=np.int32, mode="r", shape=(N, T))
-        lengths, provenance = np.empty(N, dtype=np.int64), []
-        with open(path / PROVENANCE_FILE) as handle:
-            for n, line in enumerate(handle):
-                record = json.loads(line)
-                lengths[n] = record["length"]
-                provenance.append(record["pieces"])
-        return cls(tokens, lengths, provenance, manifest["pad_token_id"], manifest["tokenizer_id"],
-                   manifest["corpus_id"], manifest.get("meta", {}))
+        lengths = np.fromfile(path / LENGTHS_FILE, dtype=np.int32).astype(np.int64)
+        return cls(tokens, lengths, ProvenanceFile(path / PROVENANCE_FILE, N), manifest["pad_token_id"],
+                   manifest["tokenizer_id"], manifest["corpus_id"], manifest.get("meta", {}))
+
+
+class ProvenanceFile(Sequence):
+    """provenance.jsonl read on demand: only each line's byte offset is held (8 bytes per sequence).
+
+    A corpus of 10 million sequences would take gigabytes as Python lists of dicts; the query stage
+    needs the provenance of its few dozen top sequences.
+    """
+
+    def __init__(self, path: Path, count: int):
+        self.path = Path(path)
+        starts = [np.zeros(1, dtype=np.int64)]
+        with open(self.path, "rb") as handle:
+            offset = 0
+            for chunk in iter(lambda: handle.read(READ_CHUNK_BYTES), b""):
+                starts.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + (offset + 1))
+                offset += len(chunk)
+        self.offsets = np.concatenate(starts)[:count]
+        if len(self.offsets) != count:
+            raise DataError(f"{self.path} has {len(self.offsets)} lines for {count} sequences; pack the corpus again")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return [self[i] for i in range(*n.indices(len(self)))]
+        with open(self.path, "rb") as handle:
+            handle.seek(int(self.offsets[n]))
+            return json.loads(handle.readline())["pieces"]
 
 
 def tokenizer_id(tokenizer) -> str:
@@ -198,10 +225,12 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
     finished = False
     try:
         count = 0
-        with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / PROVENANCE_FILE, "w") as prov:
+        with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / LENGTHS_FILE, "wb") as lengths, \
+                open(tmp / PROVENANCE_FILE, "w") as prov:
             for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, separate_documents,
                                                   show_progress, total):
                 tokens.write(np.asarray(ids, dtype=np.int32).tobytes())
+                lengths.write(np.int32(real).tobytes())
                 prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
                 count += 1
         _write_manifest(tmp, count, length, pad_token_id(tokenizer), tokenizer_id(tokenizer), meta or {})
@@ -219,7 +248,7 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
 
 
 def _write_manifest(directory: Path, count: int, length: int, pad_id: int, tokenizer_hash: str, meta: dict) -> str:
-    checksums = {name: _sha256(directory / name) for name in (TOKENS_FILE, PROVENANCE_FILE)}
+    checksums = {name: _sha256(directory / name) for name in (TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE)}
     corpus_id = corpus_hash(checksums[TOKENS_FILE], count, length)
     manifest = {"kind": "ekfac_influence.corpus", "num_sequences": count, "length": length, "pad_token_id": pad_id,
                 "tokenizer_id": tokenizer_hash, "corpus_id": corpus_id, "checksums": checksums, "meta": meta}

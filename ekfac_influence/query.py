@@ -317,9 +317,8 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
     """
     union = np.arange(len(corpus)) if candidates is None else np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
     sets = None if candidates is None else [np.unique(np.asarray(c, dtype=np.int64)) for c in candidates]
-    chunks = [union[i : i + config.batch_size] for i in range(0, len(union), config.batch_size)]
-    own = chunks[distributed.rank() :: distributed.world()]
-    own_ids = np.concatenate(own) if own else np.zeros(0, dtype=np.int64)
+    batch_of = np.arange(len(union)) // config.batch_size  # batches r, r + world, ... belong to process r
+    own_ids = union[batch_of % distributed.world() == distributed.rank()]
     loader = torch.utils.data.DataLoader(PackedDataset(corpus, own_ids), batch_size=config.batch_size,
                                          num_workers=config.num_workers, shuffle=False)
     dtype = getattr(torch, config.compute_dtype)

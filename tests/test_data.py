@@ -57,7 +57,7 @@ def test_packing_to_disk_equals_packing_in_memory_and_round_trips(tmp_path):
     disk = pack_to_disk(DOCS, tokenizer, tmp_path / "corpus", length=16)
     np.testing.assert_array_equal(disk.tokens_NT, memory.tokens_NT)
     np.testing.assert_array_equal(disk.lengths_N, memory.lengths_N)
-    assert disk.provenance == memory.provenance and disk.corpus_id == memory.corpus_id
+    assert list(disk.provenance) == memory.provenance and disk.corpus_id == memory.corpus_id
     memory.save(tmp_path / "saved")
     assert PackedCorpus.load(tmp_path / "saved").corpus_id == disk.corpus_id
     with pytest.raises(DataError, match="already exists"):
@@ -177,3 +177,30 @@ def test_separate_documents_start_each_document_in_a_new_sequence():
     per_doc = {doc: len(tokenizer(text)["input_ids"]) + 1 for doc, text in DOCS if text}
     assert sorted(corpus.lengths_N.tolist()) == sorted(
         [16] * sum(n // 16 for n in per_doc.values()) + [n % 16 for n in per_doc.values() if n % 16])
+
+
+def test_a_loaded_corpus_holds_a_few_bytes_per_sequence_not_python_objects(tmp_path, monkeypatch):
+    """Scale: provenance stays on disk (byte offsets in memory), tokens are memory-mapped.
+
+    Measured as the growth of the memory a loaded corpus holds (and of the peak while loading)
+    between a corpus and one twice its size, so that fixed read buffers do not count.
+    """
+    import tracemalloc
+
+    import ekfac_influence.data as data
+
+    monkeypatch.setattr(data, "READ_CHUNK_BYTES", 1 << 14)  # fixed read buffers, far smaller than the corpora
+    peaks, sizes = [], []
+    for count in (2000, 4000):
+        documents = [(f"doc{i}", f"x = {i} while y: assert z") for i in range(count)]
+        pack_to_disk(documents, bpe_tokenizer(), tmp_path / f"corpus{count}", length=4)
+        tracemalloc.start()
+        corpus = PackedCorpus.load(tmp_path / f"corpus{count}")
+        peaks.append(tracemalloc.get_traced_memory())  # (held now, peak)
+        tracemalloc.stop()
+        sizes.append(len(corpus))
+    held, peak = ((peaks[1][i] - peaks[0][i]) / (sizes[1] - sizes[0]) for i in (0, 1))
+    assert sizes[1] > 20_000
+    # measured 16 B held per sequence (offsets and lengths); Python lists of dicts would be ~500 B
+    assert held < 32 and peak < 64, (held, peak)
+    assert corpus.provenance[123][0]["doc"] == pack(documents, bpe_tokenizer(), length=4).provenance[123][0]["doc"]
