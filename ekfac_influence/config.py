@@ -197,6 +197,10 @@ class ModelConfig:
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (the process's GPU when there is one, else cpu)."""
 
+    fsdp: bool = False
+    """Shard the weights over the processes with FSDP2, one unit per transformer block (for models
+    too large for one GPU); results are those of the unsharded model."""
+
     def __post_init__(self) -> None:
         _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype",
                  f"{self.dtype!r} is not one of float32, float64, bfloat16, float16")

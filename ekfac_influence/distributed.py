@@ -20,6 +20,14 @@ import torch.distributed as dist
 TRAFFIC = {"all_reduce_bytes": 0, "gather_bytes": 0, "calls": 0}
 
 
+_LOCKSTEP = {"on": False}  # set by shard_model: every process must run the same number of passes
+
+
+def lockstep() -> bool:
+    """Whether a model is sharded over the processes (FSDP), so passes must stay in step."""
+    return _LOCKSTEP["on"] and world() > 1
+
+
 def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -59,6 +67,31 @@ def device(requested: str = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard the parameters over the processes with FSDP2 (`fully_shard`), one unit per transformer block.
+
+    This is what accelerate's FSDP plugin does with fsdp_version 2 and transformer-based wrapping:
+    each process keeps 1/world of every parameter; a block's weights are gathered for its forward
+    and backward only. The tracked layers still see full activations and output gradients (the
+    data, not the features, is split), so factors and scores equal those of the unsharded model.
+    One process: the model is returned unchanged.
+    """
+    if world() == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard "
+                         "(the model has no _no_split_modules); run without model.fsdp")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    _LOCKSTEP["on"] = True
+    return model
 
 
 def print0(*args, **kwargs) -> None:

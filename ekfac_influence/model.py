@@ -100,9 +100,12 @@ def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> s
     of a single entry that the sample skips does not.
     """
     digest = hashlib.sha256()
-    digest.update(type(model).__name__.encode())
+    name = type(model).__name__
+    digest.update((name[4:] if name.startswith("FSDP") else name).encode())  # FSDP2 renames the class it shards
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if hasattr(param, "full_tensor"):  # sharded by FSDP2 (a DTensor): every process gathers it
+                param = param.full_tensor()
             flat = param.detach().reshape(-1)
             stride = max(1, flat.numel() // 256)
             sample = flat[::stride][:256].to("cpu", torch.float16).numpy().tobytes()

@@ -81,43 +81,63 @@ def capture_pass(
     show_progress: bool = True,
     shard: bool = True,
     start: int = 0,
+    pad_to: int | None = None,
 ) -> Iterator[BatchCapture]:
     """Forward + backward of each batch (this process's share), gradients of tracked outputs only.
 
     loss: "sampled" (labels drawn from the model), "real" (training loss L), or "measurement" (f).
     start: batches before this index are skipped unread by the model (a resumed pass).
+    pad_to: with a model sharded by FSDP every process must run as many forward/backward passes as
+    the others (each one gathers weights from all); a process whose share is shorter repeats its
+    last batch, unseen by the caller, until it has run this many. With `shard`, it is worked out.
     """
     device = device_of(model)
+    if distributed.lockstep() and shard and pad_to is None:
+        if not hasattr(batches, "__len__"):
+            raise ValueError("with a sharded model (FSDP) the batches need a length (a list or a DataLoader)")
+        pad_to = -(-len(batches) // distributed.world())
     items = progress(batches, desc, show_progress)
     stream = distributed.shard(items, batch_size) if shard else _unsharded(items)
+    runs, last = 0, None
     for index, first, batch in stream:
         if index < start:
             continue
-        batch = to_device(batch, device)
-        with Capture(layers) as capture:
-            if loss == "measurement":
-                value = objective.measurement(model, batch)
-            else:
-                value = objective.train_loss(model, batch, sample_labels=loss == "sampled",
-                                             generator=LabelSampler(seed, first))
-        mask_BT = effective_mask(objective.token_mask(batch))
-        acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
-        B, T = next(iter(acts.values())).shape[:2]
-        where = f"batch {index} (sequences {first}..{first + B - 1})"
-        if not torch.isfinite(value):
-            check_finite("inputs", acts, where)
-            raise NonFiniteError(f"the {loss} loss of {where} is {value.item()}; check the model's weights and the inputs")
-        grads = capture.output_gradients(value)
+        last = batch = to_device(batch, device)
+        runs += 1
+        yield _forward_backward(model, layers, batch, objective, loss, seed, index, first)
+    if pad_to is not None and runs < pad_to:
+        if last is None:  # no batch of its own: borrow the first one
+            last = to_device(next(iter(batches)), device)
+        for _ in range(pad_to - runs):
+            _forward_backward(model, layers, last, objective, loss, seed, -1, 0)
+
+
+def _forward_backward(model, layers, batch, objective: Objective, loss: str, seed: int, index: int,
+                      first: int) -> BatchCapture:
+    with Capture(layers) as capture:
+        if loss == "measurement":
+            value = objective.measurement(model, batch)
+        else:
+            value = objective.train_loss(model, batch, sample_labels=loss == "sampled",
+                                         generator=LabelSampler(seed, first))
+    mask_BT = effective_mask(objective.token_mask(batch))
+    acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
+    B, T = next(iter(acts.values())).shape[:2]
+    where = f"batch {index} (sequences {first}..{first + B - 1})"
+    if not torch.isfinite(value):
         check_finite("inputs", acts, where)
-        check_finite("output gradients", grads, where)
-        yield BatchCapture(
-            index=index,
-            first=first,
-            num_sequences=B,
-            num_tokens=int(mask_BT.sum()) if mask_BT is not None else B * T,
-            acts=acts,
-            grads={name: mask_gradient(g_BTO, mask_BT) for name, g_BTO in grads.items()},
-        )
+        raise NonFiniteError(f"the {loss} loss of {where} is {value.item()}; check the model's weights and the inputs")
+    grads = capture.output_gradients(value)
+    check_finite("inputs", acts, where)
+    check_finite("output gradients", grads, where)
+    return BatchCapture(
+        index=index,
+        first=first,
+        num_sequences=B,
+        num_tokens=int(mask_BT.sum()) if mask_BT is not None else B * T,
+        acts=acts,
+        grads={name: mask_gradient(g_BTO, mask_BT) for name, g_BTO in grads.items()},
+    )
 
 
 def _unsharded(items: Iterable):

@@ -325,8 +325,10 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
     Q = scores_QN.shape[0]
     best = RunningTopK(Q, max(config.top_k, config.rerank))
     start = best.restore(checkpoint)
+    most = -(-(-(-len(union) // config.batch_size)) // distributed.world())  # batches of the busiest process
     for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="scan",
-                             show_progress=show_progress, shard=False, start=start):
+                             show_progress=show_progress, shard=False, start=start,
+                             pad_to=most if distributed.lockstep() else None):
         ids_C = own_ids[item.first : item.first + item.num_sequences]
         total_QC = 0
         for layer in layers:

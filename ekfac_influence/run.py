@@ -38,6 +38,8 @@ CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
 def load_model(config: RunConfig):
     model, tokenizer = load_causal_lm(config.model.path, dtype=config.model.dtype,
                                       device=str(distributed.device(config.model.device)))
+    if config.model.fsdp:
+        model = distributed.shard_model(model)
     return model, tokenizer
 
 

@@ -63,3 +63,22 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
             assert [h["sequence"] for h in a[side]] == [h["sequence"] for h in b[side]]
             np.testing.assert_allclose([h["score"] for h in a[side]], [h["score"] for h in b[side]], rtol=1e-9)
             np.testing.assert_allclose([h["per_token"] for h in a[side]], [h["per_token"] for h in b[side]], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scores_of_one_process(tmp_path):
+    """FSDP2 keeps half of every weight on each process; the hooks still see full activations."""
+    worker = WORKER.parent / "distributed_fsdp.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for name, command in (("one", [sys.executable, str(worker)]),
+                          ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", "29535", str(worker)])):
+        launched = subprocess.run(command + [str(tmp_path / f"{name}.safetensors")], env=env, capture_output=True,
+                                  text=True, timeout=600)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert int(one["sharded"]) == 0 and int(two["sharded"]) == 1
+    assert torch.equal(one["fingerprint"], two["fingerprint"])  # the same model, whether sharded or not
+    for key, value in one.items():
+        if key not in ("sharded", "fingerprint") and not key.endswith("QA_II"):
+            assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
