@@ -204,3 +204,40 @@ def test_a_loaded_corpus_holds_a_few_bytes_per_sequence_not_python_objects(tmp_p
     # measured 16 B held per sequence (offsets and lengths); Python lists of dicts would be ~500 B
     assert held < 32 and peak < 64, (held, peak)
     assert corpus.provenance[123][0]["doc"] == pack(documents, bpe_tokenizer(), length=4).provenance[123][0]["doc"]
+
+
+# ----------------------------------------------------------------------------- property-based
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+DOCUMENT = st.one_of(TEXT, st.just(""), st.just("\n\n\n"), TEXT.map(lambda t: (t + "\n") * 40))  # empty lines, long documents
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(DOCUMENT, min_size=1, max_size=6), length=st.integers(2, 40), separate=st.booleans())
+def test_packing_any_text_keeps_every_token_once_in_order_with_exact_provenance(texts, length, separate):
+    tokenizer = bpe_tokenizer()
+    documents = [(f"d{i}", text) for i, text in enumerate(texts)]
+    if not any(texts):
+        with pytest.raises(DataError, match="no text"):
+            pack(documents, tokenizer, length=length, separate_documents=separate)
+        return
+    corpus = pack(documents, tokenizer, length=length, separate_documents=separate)
+    assert corpus.tokens_NT.shape[1] == length and (corpus.lengths_N >= 1).all() and (corpus.lengths_N <= length).all()
+    if not separate:  # only the last sequence may be short
+        assert (corpus.lengths_N[:-1] == length).all()
+    ids_of = {}
+    for n, pieces in enumerate(corpus.provenance):
+        spans = [p["token_span"] for p in pieces]
+        assert spans[0][0] == 0 and spans[-1][1] == corpus.lengths_N[n]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # the pieces tile the sequence
+        for piece in pieces:
+            ids_of.setdefault(piece["doc"], []).extend(corpus.tokens_NT[n, slice(*piece["token_span"])].tolist())
+    for doc, text in documents:
+        if text:  # each document's tokens, then EOS, exactly once and in order
+            assert ids_of[doc] == tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            assert tokenizer.decode(ids_of[doc][:-1]) == text
+        else:
+            assert doc not in ids_of
