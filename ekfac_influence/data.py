@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .storage import replace_directory
 
 READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -119,9 +120,7 @@ class PackedCorpus:
                 for n, pieces in enumerate(self.provenance):
                     handle.write(json.dumps({"sequence": n, "length": int(self.lengths_N[n]), "pieces": pieces}) + "\n")
             self.corpus_id = _write_manifest(tmp, len(self), self.length, self.pad_token_id, self.tokenizer_id, self.meta)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            replace_directory(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -234,9 +233,7 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
                 prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
                 count += 1
         _write_manifest(tmp, count, length, pad_token_id(tokenizer), tokenizer_id(tokenizer), meta or {})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_directory(tmp, path)
         finished = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

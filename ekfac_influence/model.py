@@ -121,7 +121,7 @@ class ModelLoadError(ValueError):
     """A model or tokenizer path that cannot be loaded; the message says why."""
 
 
-def resolve_model_path(path) -> tuple["Path", dict]:
+def resolve_model_path(path) -> tuple:
     """(directory, extra from_pretrained arguments) of a save_pretrained directory or a .gguf file.
 
     `package:NAME` is the directory of an installed Python package that ships a model (e.g.

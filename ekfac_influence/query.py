@@ -15,7 +15,6 @@ B batch, T positions, I in-features (+1 bias), O out-features, K rank.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from .passes import capture_pass, device_of, evaluation_mode
 from .pipeline import _scoring_form, check_factors_match, query_gradients
 from .precondition import LowRank, precondition
 from .scores import layer_scores, pair_sequence_scores, pair_token_scores
-from .storage import PassCheckpoint, StorageError
+from .storage import PassCheckpoint, StorageError, replace_directory
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
 SCORES_FILE, TOPK_FILE, QUERIES_FILE, MANIFEST_FILE = "scores.f32", "topk.jsonl", "queries.jsonl", "manifest.json"
@@ -525,11 +524,4 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     for progress in [tmp / "key.json", *tmp.glob("scan.rank*")]:
         progress.unlink()
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out, backup)
-        os.replace(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_directory(tmp, out)

@@ -40,6 +40,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_directory(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` in place of `path`: renames only, so `path` is never half-written.
+
+    An existing `path` is moved aside first and removed after the swap.
+    """
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    backup = path.with_name(f".{path.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(path, backup)
+    os.replace(tmp, path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -59,14 +74,7 @@ def write_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overw
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
         manifest = dict(manifest, checksums={FACTORS_FILE: sha256_file(tmp / FACTORS_FILE)})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
