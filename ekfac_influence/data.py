@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .storage import replace_directory
+from .storage import sha256_file, staged_directory
 
 READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -108,21 +106,13 @@ class PackedCorpus:
 
     def save(self, path, *, overwrite: bool = False) -> None:
         """tokens.bin (raw int32, N × T), provenance.jsonl, manifest.json with checksums; atomic."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-        try:
+        with staged_directory(path, overwrite=overwrite, error=DataError) as tmp:
             np.ascontiguousarray(self.tokens_NT, dtype=np.int32).tofile(tmp / TOKENS_FILE)
             np.asarray(self.lengths_N, dtype=np.int32).tofile(tmp / LENGTHS_FILE)
             with open(tmp / PROVENANCE_FILE, "w") as handle:
                 for n, pieces in enumerate(self.provenance):
                     handle.write(json.dumps({"sequence": n, "length": int(self.lengths_N[n]), "pieces": pieces}) + "\n")
             self.corpus_id = _write_manifest(tmp, len(self), self.length, self.pad_token_id, self.tokenizer_id, self.meta)
-            replace_directory(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path, *, tokenizer_id: str | None = None) -> "PackedCorpus":
@@ -132,7 +122,7 @@ class PackedCorpus:
             raise DataError(f"{path} is not a packed corpus (no {MANIFEST_FILE}); pack the corpus first")
         manifest = json.loads(manifest_path.read_text())
         for name, expected in manifest["checksums"].items():
-            if not (path / name).exists() or _sha256(path / name) != expected:
+            if not (path / name).exists() or sha256_file(path / name) != expected:
                 raise DataError(f"{path / name} is missing or does not match its checksum; the corpus is corrupted, "
                                 f"pack it again")
         if tokenizer_id is not None and tokenizer_id != manifest["tokenizer_id"]:
@@ -215,14 +205,7 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
                  separate_documents: bool = False, overwrite: bool = False, show_progress: bool = False,
                  total: int | None = None, meta: dict | None = None) -> PackedCorpus:
     """`pack`, written row by row into the corpus directory `path` (atomic); memory stays one row."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    created = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    finished = False
-    try:
+    with staged_directory(path, overwrite=overwrite, error=DataError) as tmp:
         count = 0
         with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / LENGTHS_FILE, "wb") as lengths, \
                 open(tmp / PROVENANCE_FILE, "w") as prov:
@@ -233,19 +216,11 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
                 prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
                 count += 1
         _write_manifest(tmp, count, length, pad_token_id(tokenizer), tokenizer_id(tokenizer), meta or {})
-        replace_directory(tmp, path)
-        finished = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not finished:  # leave no trace of a failed packing: the directories it made go too
-            for directory in created:
-                if directory.exists() and not any(directory.iterdir()):
-                    directory.rmdir()
     return PackedCorpus.load(path)
 
 
 def _write_manifest(directory: Path, count: int, length: int, pad_id: int, tokenizer_hash: str, meta: dict) -> str:
-    checksums = {name: _sha256(directory / name) for name in (TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE)}
+    checksums = {name: sha256_file(directory / name) for name in (TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE)}
     corpus_id = corpus_hash(checksums[TOKENS_FILE], count, length)
     manifest = {"kind": "ekfac_influence.corpus", "num_sequences": count, "length": length, "pad_token_id": pad_id,
                 "tokenizer_id": tokenizer_hash, "corpus_id": corpus_id, "checksums": checksums, "meta": meta}
@@ -304,14 +279,6 @@ def _encode_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, i
         return list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     ids = tokenizer(text)["input_ids"]
     return list(ids), [(0, len(text))] * len(ids)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class PackedDataset(torch.utils.data.Dataset):

@@ -6,6 +6,7 @@ nothing or the whole stage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,32 @@ def replace_directory(tmp: Path, path: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_directory(path, *, overwrite: bool, error: type[Exception] = StorageError):
+    """Yield a temporary directory beside `path`; when the block ends without error, it becomes `path`.
+
+    Refuses an existing `path` without `overwrite`. On failure nothing is left behind: not the
+    temporary directory, nor the parent directories that were made for it.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise error(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    created = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    finished = False
+    try:
+        yield tmp
+        replace_directory(tmp, path)
+        finished = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not finished:
+            for directory in created:
+                if directory.exists() and not any(directory.iterdir()):
+                    directory.rmdir()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -65,18 +92,10 @@ def sha256_file(path: Path) -> str:
 
 def write_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overwrite: bool) -> None:
     """Write `tensors` (safetensors) and `manifest` (JSON, with the tensors' checksum) atomically."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise StorageError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with staged_directory(path, overwrite=overwrite) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / FACTORS_FILE))
         manifest = dict(manifest, checksums={FACTORS_FILE: sha256_file(tmp / FACTORS_FILE)})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        replace_directory(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
