@@ -8,6 +8,7 @@ Single-process runs take the same code path with world = 1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -178,6 +179,8 @@ def broadcast_object(value: Any) -> Any:
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)})
     if isinstance(value, (tuple, list)):
         return type(value)(_to_cpu(v) for v in value)
     if isinstance(value, dict):
@@ -188,6 +191,8 @@ def _to_cpu(value: Any) -> Any:
 def _payload_bytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_payload_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     if isinstance(value, (tuple, list)):
         return sum(_payload_bytes(v) for v in value)
     if isinstance(value, dict):

@@ -323,15 +323,56 @@ def check_factors_match(factors: Factors, model: nn.Module) -> list[TrackedLayer
 
 def query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective,
                     *, show_progress: bool = True) -> dict[str, Tensor]:
-    """∇f_q per query and layer, {layer: V_QOI}; every process computes all queries."""
-    parts: dict[str, list[Tensor]] = {l.name: [] for l in layers}
+    """∇f_q per query and layer, {layer: V_QOI}; the processes split the batches, every process gets all."""
+    return _split_queries(model, layers, query_batches, objective, lambda grads, _: grads, show_progress=show_progress)
+
+
+def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: Factors, query_batches: Iterable,
+                                   objective: Objective, *, dtype: torch.dtype = torch.float32,
+                                   rank: int | None = None, combine: list[Tensor] | None = None,
+                                   show_progress: bool = True) -> dict[str, Tensor | LowRank]:
+    """{layer: P(∇f_q)} for every query, rank-k when `rank` is given.
+
+    The processes split the query batches: each computes and preconditions its share, a batch at a
+    time (so only rank-k factors pile up), and the results are gathered on every process, which
+    then scores its own shard of the training sequences against all of them.
+    combine: per batch, an [Q_b, R_b] matrix M turning the batch's row gradients into query gradients
+    ∇f_q = Σ_r M_qr ∇row_r (a contrast is +1 and −1).
+    """
+    def finish(grads: dict[str, Tensor], index: int) -> dict:
+        if combine is not None:
+            grads = {name: torch.einsum("qr,roi->qoi", combine[index].to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
+        return precondition(grads, factors, dtype, rank=rank)
+
+    if factors.strategy == "exact":  # one dense solve for all queries rather than one per batch
+        grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
+        if combine is not None:
+            grads = {name: torch.einsum("qr,roi->qoi", torch.block_diag(*combine).to(V), V) for name, V in grads.items()}
+        return precondition(grads, factors, dtype, rank=rank)
+    return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
+
+
+def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
+                   *, show_progress: bool) -> dict:
+    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order."""
+    local = {}
     for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
-                             show_progress=show_progress, shard=False):
-        for layer in layers:
-            parts[layer.name].append(sequence_gradients(_work(item.grads[layer.name]), _work(item.acts[layer.name])))
-    if not parts[layers[0].name]:
+                             show_progress=show_progress):
+        grads = {layer.name: sequence_gradients(_work(item.grads[layer.name]), _work(item.acts[layer.name]))
+                 for layer in layers}
+        local[item.index] = finish(grads, item.index)
+    merged = distributed.gather_by_key(local)
+    if not merged:
         raise ValueError("query_batches is empty: no query to score")
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+    device = device_of(model)
+    parts = [merged[index] for index in sorted(merged)]
+    return {layer.name: _concat([part[layer.name] for part in parts]).to(device) for layer in layers}
+
+
+def _concat(parts: list) -> Tensor | LowRank:
+    if isinstance(parts[0], LowRank):
+        return LowRank(torch.cat([p.left_QOK for p in parts]), torch.cat([p.right_QIK for p in parts]))
+    return torch.cat(parts)
 
 
 def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, train_batches: Iterable,
@@ -340,17 +381,18 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
     layers = check_factors_match(factors, model)
     dtype = getattr(torch, config.compute_dtype)
     with evaluation_mode(model):
-        grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
         if factors.strategy == "lissa":
             from .evaluate import lissa_inverse_product
 
+            grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
             preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
                                                    show_progress=show_progress)
             preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
             if config.rank is not None:
                 preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
         else:
-            preconditioned = precondition(grads, factors, dtype, rank=config.rank)
+            preconditioned = preconditioned_query_gradients(model, layers, factors, query_batches, objective,
+                                                            dtype=dtype, rank=config.rank, show_progress=show_progress)
         result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
                                     show_progress=show_progress)
     result.num_train_sequences = factors.num_sequences

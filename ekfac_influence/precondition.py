@@ -97,6 +97,9 @@ class LowRank:
     def dense(self) -> Tensor:
         return self.left_QOK @ self.right_QIK.transpose(1, 2)
 
+    def to(self, *args, **kwargs) -> "LowRank":
+        return LowRank(self.left_QOK.to(*args, **kwargs), self.right_QIK.to(*args, **kwargs))
+
 
 def compress(P_QOI: Tensor, rank: int) -> LowRank | Tensor:
     """Rank-k truncation U_k diag(σ_k) V_kᵀ of each query's O × I matrix (the best rank-k approximation).

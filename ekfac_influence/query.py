@@ -31,8 +31,8 @@ from .factors import Factors
 from .model import TrackedLayer, context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import capture_pass, device_of, evaluation_mode
-from .pipeline import _scoring_form, check_factors_match, query_gradients
-from .precondition import LowRank, precondition
+from .pipeline import _scoring_form, check_factors_match, preconditioned_query_gradients
+from .precondition import LowRank
 from .scores import layer_scores, pair_sequence_scores, pair_token_scores
 from .storage import PassCheckpoint, StorageError, replace_directory
 
@@ -227,16 +227,12 @@ def measure(model, tokenizer, encoded: list[EncodedQuery], rows_per_batch: int =
 
 def preconditioned_queries(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
                            config: QueryConfig, *, rank: int | None) -> dict[str, Tensor | LowRank]:
-    """{layer: P(∇f_q) for every query}, computed a few queries at a time so only rank-k factors pile up."""
-    objective, dtype = CausalLMObjective(), getattr(torch, config.compute_dtype)
-    parts: list[dict] = []
-    for group in _query_groups(encoded, config.query_batch_size):
-        rows, M_QR = query_rows(group)
-        batch = collate_query_rows(rows, pad_token_id(tokenizer))
-        grads = query_gradients(model, layers, [batch], objective, show_progress=False)
-        combined = {name: torch.einsum("qr,roi->qoi", M_QR.to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
-        parts.append(precondition(combined, factors, dtype, rank=rank))
-    return {layer.name: _concat([part[layer.name] for part in parts]) for layer in layers}
+    """{layer: P(∇f_q) for every query}: groups of queries split among the processes, gathered on all."""
+    groups = [query_rows(group) for group in _query_groups(encoded, config.query_batch_size)]
+    batches = [collate_query_rows(rows, pad_token_id(tokenizer)) for rows, _ in groups]
+    return preconditioned_query_gradients(model, layers, factors, batches, CausalLMObjective(),
+                                          dtype=getattr(torch, config.compute_dtype), rank=rank,
+                                          combine=[M_QR for _, M_QR in groups], show_progress=False)
 
 
 def _query_groups(encoded: list[EncodedQuery], rows_per_group: int):
@@ -249,12 +245,6 @@ def _query_groups(encoded: list[EncodedQuery], rows_per_group: int):
         rows += len(item.rows())
     if group:
         yield group
-
-
-def _concat(parts: list) -> Tensor | LowRank:
-    if isinstance(parts[0], LowRank):
-        return LowRank(torch.cat([p.left_QOK for p in parts]), torch.cat([p.right_QIK for p in parts]))
-    return torch.cat(parts)
 
 
 # ----------------------------------------------------------------------------- 3. scan

@@ -31,8 +31,10 @@ def test_two_processes_give_the_factors_and_scores_of_one_with_an_uneven_last_ba
     two = load_file(str(out_path))
     assert int(two["world"]) == 2 and int(single["world"]) == 1
     assert two["counts"].tolist() == single["counts"].tolist() == [27, 27 * 16, 27]  # none dropped, none counted twice
+    # the three query batches are split: each process preconditions its share, not all of them
+    assert single["queries_by_process"].tolist() == [3] and two["queries_by_process"].tolist() == [2, 1]
     for key, value in single.items():
-        if key != "world":
+        if key not in ("world", "queries_by_process"):
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
@@ -53,6 +55,8 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
     shape = json.loads((tmp_path / "one" / "manifest.json").read_text())["scores"]["shape"]
     one, two = (np.fromfile(tmp_path / name / "scores.f32", dtype=np.float32).reshape(shape) for name in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-7)
+    one_split, two_split = (json.loads((tmp_path / f"{name}.split.json").read_text()) for name in ("one", "two"))
+    assert one_split == [2 * 3] and sum(two_split) == 2 * 3 and max(two_split) < 2 * 3  # 3 queries, scan and rescore
     scanned = np.ones(27, dtype=bool)
     scanned[[21, 23, 25]] = False  # in no query's shortlist
     assert np.isfinite(one[:, scanned]).all() and np.isnan(one[:, ~scanned]).all()

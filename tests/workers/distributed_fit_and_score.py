@@ -18,13 +18,28 @@ from ekfac_influence import distributed  # noqa: E402
 QUERIES = [("the assert statement", " raises assertionerror"), ("def f(x):", " return x"), ("a for loop", " iterates")]
 
 
+def count_preconditioned_queries() -> list[int]:
+    """Wrap the preconditioner so that it counts the queries this process preconditions."""
+    from ekfac_influence import pipeline
+
+    count, original = [0], pipeline.precondition
+
+    def counting(grads, *args, **kwargs):
+        count[0] += next(iter(grads.values())).shape[0]
+        return original(grads, *args, **kwargs)
+
+    pipeline.precondition = counting
+    return count
+
+
 def run(model_path: str) -> dict[str, torch.Tensor]:
+    count = count_preconditioned_queries()
     model = make_llama()
     model.load_state_dict(load_file(model_path))
     train = lm_batches(char_sequences(27, 16), 4)  # 7 batches, the last one of 3: uneven over 2 processes
     objective = ei.CausalLMObjective()
     factors = ei.fit_factors(model, train, objective, ei.FactorConfig(factor_dtype="float64"), show_progress=False)
-    result = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective,
+    result = ei.compute_scores(model, factors, query_batches(QUERIES, batch_size=1), train, objective,
                                ei.ScoreConfig(per_token=True, compute_dtype="float64"), show_progress=False)
     out = {"scores": result.scores, "per_token": result.per_token,
            "counts": torch.tensor([factors.num_sequences, factors.num_tokens, result.num_train_sequences])}
@@ -33,6 +48,8 @@ def run(model_path: str) -> dict[str, torch.Tensor]:
         out[f"{layer.name}/S_OO"] = layer.S_OO
         out[f"{layer.name}/lambda_OI"] = layer.lambda_OI
     out["world"] = torch.tensor(distributed.world())
+    split = distributed.gather_by_key({distributed.rank(): count[0]})
+    out["queries_by_process"] = torch.tensor([split[rank] for rank in sorted(split)])
     return out
 
 

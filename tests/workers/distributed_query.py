@@ -6,6 +6,8 @@
 import sys
 from pathlib import Path
 
+import json
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,13 +17,16 @@ import ekfac_influence as ei  # noqa: E402
 from ekfac_influence.config import QueryConfig  # noqa: E402
 from ekfac_influence.data import Query, pack  # noqa: E402
 from ekfac_influence.demo import pydoc_documents  # noqa: E402
+from ekfac_influence import distributed  # noqa: E402
 from ekfac_influence.query import query_influence  # noqa: E402
+from distributed_fit_and_score import count_preconditioned_queries  # noqa: E402
 
 QUERIES = [Query("The assert statement", " is a debugging aid", id="a"), Query("x = 1", " and y = 2", " or y = 3", id="b"),
            Query("The while loop", id="greedy")]
 
 
 def run(out: str):
+    count = count_preconditioned_queries()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
@@ -35,10 +40,15 @@ def run(out: str):
                                          attn_implementation="sdpa")).double().eval()
     factors = ei.fit_factors(model, corpus_batches(corpus, 4), ei.CausalLMObjective(), ei.FactorConfig(factor_dtype="float64"),
                              show_progress=False)
-    config = QueryConfig(rank=2, rerank=5, top_k=3, batch_size=4, max_new_tokens=4, compute_dtype="float64")
+    config = QueryConfig(rank=2, rerank=5, top_k=3, batch_size=4, query_batch_size=1, max_new_tokens=4,
+                         compute_dtype="float64")
     candidates = [list(range(20)), list(range(0, 27, 2)), list(range(5, 20))]  # union misses 21, 23, 25
-    return query_influence(model, tokenizer, factors, corpus, QUERIES, config, candidates=candidates, out=out,
-                           show_progress=False)
+    results = query_influence(model, tokenizer, factors, corpus, QUERIES, config, candidates=candidates, out=out,
+                              show_progress=False)
+    split = distributed.gather_by_key({distributed.rank(): count[0]})
+    if distributed.is_main():  # queries preconditioned by each process (scan at rank 2, then rescoring at full rank)
+        Path(f"{out}.split.json").write_text(json.dumps([split[rank] for rank in sorted(split)]))
+    return results
 
 
 if __name__ == "__main__":
