@@ -110,22 +110,31 @@ def shard(batches: Iterable, size_of: Callable[[Any], int]) -> Iterator[tuple[in
         first += size_of(batch)
 
 
+_BUCKET_BYTES = 2**28  # the extra memory of a reduce: one flattened bucket of at most 256 MiB
+
+
 def sum_reduce_(tensors: list[torch.Tensor]) -> None:
-    """In-place sum over processes (one flattened all-reduce per dtype and device)."""
+    """In-place sum over processes: flattened all-reduces of up to 256 MiB, per dtype and device."""
     if world() == 1 or not tensors:
         return
-    groups: dict[tuple, list[torch.Tensor]] = {}
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}  # (dtype, device) -> buckets
+    filled: dict[tuple, int] = {}  # bytes in the last bucket of each kind
     for tensor in tensors:
-        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for group in groups.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
+        kind, size = (tensor.dtype, tensor.device), tensor.numel() * tensor.element_size()
+        if kind not in buckets or filled[kind] + size > _BUCKET_BYTES:
+            buckets.setdefault(kind, []).append([])
+            filled[kind] = 0
+        buckets[kind][-1].append(tensor)
+        filled[kind] += size
+    for bucket in (bucket for kind in buckets.values() for bucket in kind):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
         if flat.device.type == "cpu" and dist.get_backend() == "nccl":  # pragma: no cover - GPU clusters
             flat = flat.cuda()
         dist.all_reduce(flat)
         TRAFFIC["all_reduce_bytes"] += flat.numel() * flat.element_size()
         TRAFFIC["calls"] += 1
         offset = 0
-        for t in group:
+        for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.device))
             offset += t.numel()
 

@@ -41,30 +41,89 @@ def factor_blocks(size: int, config: FactorConfig) -> int:
     return config.blocks if size >= config.block_min_dim else 1
 
 
-def blocked_covariance(x_NX: Tensor, blocks: int) -> Tensor:
-    """Σ_n x_n x_nᵀ restricted to its diagonal blocks (zeros elsewhere): blocks× fewer flops."""
+@dataclass
+class BlockDiagonal:
+    """A square matrix that is zero off its diagonal blocks, kept as the blocks: b× less memory.
+
+    Multiplies like the dense matrix it stands for (`Q @ x` acts on x's rows, `x @ Q` on its
+    columns, `Q.T`), so the rotations of fitting and preconditioning take it unchanged, at b× fewer
+    flops. Stored as `{name}#0`, `{name}#1`, ... (see `storage`).
+    """
+
+    blocks: list[Tensor]
+
+    @property
+    def size(self) -> int:
+        return sum(block.shape[0] for block in self.blocks)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.size, self.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device
+
+    def numel(self) -> int:
+        return sum(block.numel() for block in self.blocks)
+
+    def _slices(self) -> list[slice]:
+        bounds = [0]
+        for block in self.blocks:
+            bounds.append(bounds[-1] + block.shape[0])
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    @property
+    def T(self) -> "BlockDiagonal":
+        return BlockDiagonal([block.T for block in self.blocks])
+
+    def dense(self) -> Tensor:
+        return torch.block_diag(*self.blocks)
+
+    def to(self, *args, **kwargs) -> "BlockDiagonal":
+        return BlockDiagonal([block.to(*args, **kwargs) for block in self.blocks])
+
+    def map(self, fn) -> "BlockDiagonal":
+        return BlockDiagonal([fn(block) for block in self.blocks])
+
+    def __matmul__(self, x: Tensor) -> Tensor:  # self @ x, x [..., D, K]
+        return torch.cat([block @ x[..., rows, :] for block, rows in zip(self.blocks, self._slices())], dim=-2)
+
+    def __rmatmul__(self, x: Tensor) -> Tensor:  # x @ self, x [..., K, D]
+        return torch.cat([x[..., cols] @ block for block, cols in zip(self.blocks, self._slices())], dim=-1)
+
+    def __add__(self, other: "BlockDiagonal") -> "BlockDiagonal":
+        return BlockDiagonal([a + b for a, b in zip(self.blocks, other.blocks)])
+
+    def __truediv__(self, value: float) -> "BlockDiagonal":
+        return self.map(lambda block: block / value)
+
+
+def parts(value: "Tensor | BlockDiagonal") -> list[Tensor]:
+    """The tensors holding a factor: itself, or its blocks (for reduces and broadcasts in place)."""
+    return value.blocks if isinstance(value, BlockDiagonal) else [value]
+
+
+def blocked_covariance(x_NX: Tensor, blocks: int) -> "Tensor | BlockDiagonal":
+    """Σ_n x_n x_nᵀ, or with blocks > 1 only its diagonal blocks: blocks× fewer flops and memory."""
     if blocks == 1:
         return covariance(x_NX)
-    out_XX = torch.zeros(x_NX.shape[1], x_NX.shape[1], dtype=torch.float64, device=x_NX.device)
-    for block in block_slices(x_NX.shape[1], blocks):
-        out_XX[block, block] = covariance(x_NX[:, block])
-    return out_XX
+    return BlockDiagonal([covariance(x_NX[:, block]) for block in block_slices(x_NX.shape[1], blocks)])
 
 
-def eigendecompose(cov_XX: Tensor, blocks: int = 1) -> tuple[Tensor, Tensor]:
+def eigendecompose(cov_XX: "Tensor | BlockDiagonal") -> "tuple[Tensor, Tensor | BlockDiagonal]":
     """(eigenvalues_X, eigenvectors_XX) of the symmetrised matrix, in float64, eigenvalues ≥ 0.
 
-    With blocks > 1 the matrix is taken as block-diagonal: one eigh per block (blocks² fewer flops),
-    and Q is block-diagonal (stored dense here).
+    A block-diagonal matrix is decomposed block by block (blocks² fewer flops); Q is block-diagonal.
     """
+    if isinstance(cov_XX, BlockDiagonal):
+        pairs = [eigendecompose(block) for block in cov_XX.blocks]
+        return torch.cat([values for values, _ in pairs]), BlockDiagonal([Q for _, Q in pairs])
     cov_XX = cov_XX.double()
-    if blocks > 1:
-        Q_XX = torch.zeros_like(cov_XX)
-        values = []
-        for block in block_slices(cov_XX.shape[0], blocks):
-            values_b, Q_XX[block, block] = eigendecompose(cov_XX[block, block])
-            values.append(values_b)
-        return torch.cat(values), Q_XX
     eigenvalues_X, eigenvectors_XX = torch.linalg.eigh((cov_XX + cov_XX.T) / 2)
     return eigenvalues_X.clamp_min(0), eigenvectors_XX.contiguous()  # row-major, as stored: same sums after a reload
 
@@ -104,10 +163,10 @@ class LayerFactors:
     out_dim: int
     in_dim: int
     damping: float = 0.0
-    A_II: Tensor | None = None  # activation covariance (mean over tokens)
-    S_OO: Tensor | None = None  # output-gradient covariance (mean over tokens)
-    QA_II: Tensor | None = None
-    QS_OO: Tensor | None = None
+    A_II: Tensor | BlockDiagonal | None = None  # activation covariance (mean over tokens)
+    S_OO: Tensor | BlockDiagonal | None = None  # output-gradient covariance (mean over tokens)
+    QA_II: Tensor | BlockDiagonal | None = None
+    QS_OO: Tensor | BlockDiagonal | None = None
     eigA_I: Tensor | None = None
     eigS_O: Tensor | None = None
     lambda_OI: Tensor | None = None  # eigenvalues of G's block in the (Q_S ⊗ Q_A) basis, or its diagonal

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .factors import parts
 from .hooks import Capture, effective_mask, mask_gradient
 from .model import TrackedLayer
 from .objectives import LabelSampler, Objective, batch_size, to_device
@@ -35,8 +36,8 @@ class NonFiniteError(ValueError):
 
 def check_finite(kind: str, tensors: dict[str, Tensor], where: str) -> None:
     """Raise NonFiniteError naming the first layer (in module order) whose tensor holds NaN or inf."""
-    for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+    for name, value in tensors.items():
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in parts(value)):
             raise NonFiniteError(f"non-finite values (NaN or inf) in the {kind} of layer {name} in {where}; check the "
                                  f"model's weights and the inputs (an overflow in float16 or bfloat16, a NaN weight)")
 

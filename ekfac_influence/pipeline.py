@@ -12,9 +12,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import FactorConfig, ScoreConfig
-from .factors import (Factors, LayerFactors, blocked_covariance, damping_for, eigendecompose, factor_blocks,
-                      rotated_sequence_gradients,
-                      sequence_gradients)
+from .factors import (BlockDiagonal, Factors, LayerFactors, blocked_covariance, damping_for, eigendecompose,
+                      factor_blocks, parts, rotated_sequence_gradients, sequence_gradients)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
 from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
@@ -61,7 +60,7 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 extra["lissa_scale"] = config.lissa_scale or estimate_lissa_scale(
                     model, layers, train_batches, objective, damping, seed=config.seed)
         else:
-            groups = layer_groups(layers, config.memory_budget_gb)
+            groups = layer_groups(layers, config.memory_budget_gb, config)
             fitted, extra = [], {}
             for number, group in enumerate(groups):
                 if len(groups) > 1:
@@ -103,13 +102,15 @@ def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config
     return fitted, num_sequences, num_tokens
 
 
-def factor_bytes(layer: TrackedLayer) -> int:
-    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S and Λ in float64."""
+def factor_bytes(layer: TrackedLayer, config: FactorConfig | None = None) -> int:
+    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S (b× less with b blocks) and Λ in float64."""
     I, O = layer.in_dim, layer.out_features
-    return 8 * (2 * I * I + 2 * O * O + O * I)
+    b_I, b_O = (1, 1) if config is None else (factor_blocks(I, config), factor_blocks(O, config))
+    return 8 * (2 * I * I // b_I + 2 * O * O // b_O + O * I)
 
 
-def layer_groups(layers: list[TrackedLayer], budget_gb: float | None) -> list[list[TrackedLayer]]:
+def layer_groups(layers: list[TrackedLayer], budget_gb: float | None,
+                 config: FactorConfig | None = None) -> list[list[TrackedLayer]]:
     """Consecutive groups of layers whose factors fit in the budget (one group without a budget).
 
     Each group costs its own passes over the data (two for ekfac), so a tight budget trades memory
@@ -119,11 +120,11 @@ def layer_groups(layers: list[TrackedLayer], budget_gb: float | None) -> list[li
         return [layers]
     budget, groups, size = budget_gb * 2**30, [[]], 0
     for layer in layers:
-        if groups[-1] and size + factor_bytes(layer) > budget:
+        if groups[-1] and size + factor_bytes(layer, config) > budget:
             groups.append([])
             size = 0
         groups[-1].append(layer)
-        size += factor_bytes(layer)
+        size += factor_bytes(layer, config)
     return groups
 
 
@@ -137,14 +138,23 @@ def eigendecompose_layers(fitted: list[LayerFactors], config: FactorConfig) -> N
     world, rank = distributed.world(), distributed.rank()
     for i, layer in enumerate(fitted):
         if i % world == rank:
-            layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II, factor_blocks(layer.in_dim, config))
-            layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO, factor_blocks(layer.out_dim, config))
+            layer.eigA_I, layer.QA_II = eigendecompose(layer.A_II)
+            layer.eigS_O, layer.QS_OO = eigendecompose(layer.S_OO)
         else:
-            layer.eigA_I, layer.QA_II = torch.empty_like(layer.A_II[0]), torch.empty_like(layer.A_II)
-            layer.eigS_O, layer.QS_OO = torch.empty_like(layer.S_OO[0]), torch.empty_like(layer.S_OO)
+            layer.eigA_I, layer.QA_II = _placeholder(layer.A_II)
+            layer.eigS_O, layer.QS_OO = _placeholder(layer.S_OO)
     if world > 1:
         for i, layer in enumerate(fitted):
-            distributed.broadcast_tensors_([layer.eigA_I, layer.QA_II, layer.eigS_O, layer.QS_OO], src=i % world)
+            tensors = [layer.eigA_I, *parts(layer.QA_II), layer.eigS_O, *parts(layer.QS_OO)]
+            distributed.broadcast_tensors_(tensors, src=i % world)
+
+
+def _placeholder(cov: Tensor | BlockDiagonal) -> tuple[Tensor, Tensor | BlockDiagonal]:
+    """Empty eigenvalues and eigenvectors shaped like those of `cov`, to be filled by a broadcast."""
+    values = torch.empty(cov.shape[0], dtype=torch.float64, device=cov.device)
+    if isinstance(cov, BlockDiagonal):
+        return values, BlockDiagonal([torch.empty_like(block, dtype=torch.float64) for block in cov.blocks])
+    return values, torch.empty_like(cov, dtype=torch.float64)
 
 
 def count_sequences(batches: Iterable) -> int:
@@ -171,9 +181,11 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
             sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
             sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
         _save_partial(checkpoint, "covariances", item.index + 1, {"A": sums_A, "S": sums_S}, num_sequences, num_tokens)
-    tensors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model) for l in layers]
-               + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features), model) for l in layers])
-    num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
+    factors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model, factor_blocks(l.in_dim, config))
+                for l in layers]
+               + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features), model,
+                                 factor_blocks(l.out_features, config)) for l in layers])
+    num_sequences, num_tokens = _reduce_counts([t for f in factors for t in parts(f)], num_sequences, num_tokens)
     fitted = [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens,
                            S_OO=sums_S[l.name] / num_tokens) for l in layers]
     if checkpoint is not None:
@@ -283,10 +295,12 @@ def _work(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _zeros_if_none(sums: dict, name: str, shape, model) -> Tensor:
+def _zeros_if_none(sums: dict, name: str, shape, model, blocks: int = 1) -> Tensor | BlockDiagonal:
     if sums[name] is None:  # this process got no batch (fewer batches than processes)
         # on the model's device, like the other processes' sums, so that every rank reduces the same group
-        sums[name] = torch.zeros(shape, dtype=torch.float64, device=device_of(model))
+        no_rows = torch.zeros(0, shape[1], dtype=torch.float64, device=device_of(model))
+        sums[name] = torch.zeros(shape, dtype=torch.float64, device=no_rows.device) if blocks == 1 else \
+            blocked_covariance(no_rows, blocks)
     return sums[name]
 
 

@@ -59,10 +59,7 @@ def low_rank_token_scores(P: LowRank, d_BTO: Tensor, a_BTI: Tensor) -> Tensor:
 
 def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token: bool) -> tuple[Tensor, Tensor | None]:
     """(score_QB, token_QBT or None) of one layer, in the cheapest contraction order."""
-    B, T, O = d_BTO.shape
-    I = a_BTI.shape[-1]
     if isinstance(P, LowRank):
-        Q, _, K = P.left_QOK.shape
         tokens_QBT = low_rank_token_scores(P, d_BTO, a_BTI)
         return tokens_QBT.sum(-1), tokens_QBT if per_token else None
     if per_token:

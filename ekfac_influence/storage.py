@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import FactorConfig, from_dict, to_dict
-from .factors import Factors, LayerFactors
+from .factors import BlockDiagonal, Factors, LayerFactors
 
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -117,11 +117,37 @@ def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(tensor_path)), manifest
 
 
+def flatten_blocks(tensors: dict) -> dict[str, torch.Tensor]:
+    """Plain tensors for safetensors: a BlockDiagonal `key` becomes `key#0`, `key#1`, ..."""
+    out = {}
+    for key, value in tensors.items():
+        if isinstance(value, BlockDiagonal):
+            out.update({f"{key}#{i}": block for i, block in enumerate(value.blocks)})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_blocks(tensors: dict[str, torch.Tensor]) -> dict:
+    """The inverse of `flatten_blocks`."""
+    out, blocks = {}, {}
+    for key, value in tensors.items():
+        name, sep, index = key.rpartition("#")
+        if sep and index.isdigit():
+            blocks.setdefault(name, {})[int(index)] = value
+        else:
+            out[key] = value
+    for name, found in blocks.items():
+        out[name] = BlockDiagonal([found[i] for i in range(len(found))])
+    return out
+
+
 def save_factors(factors: Factors, path, *, overwrite: bool = False) -> None:
     tensors = {}
     for layer in factors.layers:
         for key, value in layer.tensors().items():
             tensors[f"{layer.name}/{key}"] = value
+    tensors = flatten_blocks(tensors)
     if factors.ggn_PP is not None:
         tensors["ggn_PP"] = factors.ggn_PP
     manifest = {
@@ -148,6 +174,7 @@ def load_factors(path) -> Factors:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "
                                f"(ekfac-influence fit --overwrite)")
+    tensors = unflatten_blocks(tensors)
     layers = []
     for entry in manifest["layers"]:
         fields = {key: tensors[f"{entry['name']}/{key}"] for key in LayerFactors.TENSORS if f"{entry['name']}/{key}" in tensors}
@@ -192,7 +219,7 @@ class PassCheckpoint:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != self.key or meta.get("sha256") != sha256_file(tensor_path):
             return None
-        return load_file(str(tensor_path)), meta
+        return unflatten_blocks(load_file(str(tensor_path))), meta
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         if name.endswith(".done") and self.rank != 0:
@@ -200,7 +227,7 @@ class PassCheckpoint:
         stem = self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = stem.with_suffix(stem.suffix + ".safetensors.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in flatten_blocks(tensors).items()}, str(tmp))
         digest = sha256_file(tmp)
         os.replace(tmp, stem.with_suffix(stem.suffix + ".safetensors"))
         atomic_write_text(stem.with_suffix(stem.suffix + ".json"), json.dumps(dict(meta, key=self.key, sha256=digest)))

@@ -204,3 +204,36 @@ def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factor
         torch.testing.assert_close(b.lambda_OI, a.lambda_OI, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(b.A_II, a.A_II, rtol=1e-10, atol=1e-14)
         assert b.damping == pytest.approx(a.damping, rel=1e-10)
+
+
+def test_block_diagonal_factors_multiply_like_their_dense_matrix_and_are_stored_as_blocks(tmp_path):
+    """Q @ x, x @ Q, Q.T, the rotations and preconditioning: equal to the dense block-diagonal matrix."""
+    from ekfac_influence.factors import BlockDiagonal, blocked_covariance, eigendecompose
+    from ekfac_influence.storage import flatten_blocks, unflatten_blocks
+
+    torch.manual_seed(0)
+    x_NX = torch.randn(40, 7, dtype=torch.float64)
+    cov = blocked_covariance(x_NX, 2)
+    assert isinstance(cov, BlockDiagonal) and [b.shape[0] for b in cov.blocks] == [4, 3]  # 7 = 4 + 3 (uneven)
+    assert cov.numel() == 16 + 9
+    dense = torch.zeros(7, 7, dtype=torch.float64)
+    dense[:4, :4], dense[4:, 4:] = x_NX[:, :4].T @ x_NX[:, :4], x_NX[:, 4:].T @ x_NX[:, 4:]
+    assert_close(cov.dense(), dense)
+    values, Q = eigendecompose(cov)
+    assert_close(Q.dense() @ torch.diag(values) @ Q.dense().T, dense)
+    y = torch.randn(3, 7, 5, dtype=torch.float64)
+    assert_close(Q @ y, Q.dense() @ y)
+    assert_close(Q.T @ y, Q.dense().T @ y)
+    assert_close(y.transpose(1, 2) @ Q, y.transpose(1, 2) @ Q.dense())
+    g_BTO, a_BTI = torch.randn(2, 6, 7, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
+    QA = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    for order in ("tokens", "sequences"):
+        assert_close(rotated_sequence_gradients(g_BTO, a_BTI, Q, QA, order),
+                     rotated_sequence_gradients(g_BTO, a_BTI, Q.dense(), QA, order))
+    lambda_OI = torch.rand(7, 5, dtype=torch.float64)
+    V_QOI = torch.randn(3, 7, 5, dtype=torch.float64)
+    assert_close(eigenbasis_inverse_product(V_QOI, Q, QA, lambda_OI, 0.1),
+                 eigenbasis_inverse_product(V_QOI, Q.dense(), QA, lambda_OI, 0.1))
+    flat = flatten_blocks({"layer/QS_OO": Q, "layer/lambda_OI": lambda_OI})
+    assert sorted(flat) == ["layer/QS_OO#0", "layer/QS_OO#1", "layer/lambda_OI"]
+    assert_close(unflatten_blocks(flat)["layer/QS_OO"].dense(), Q.dense())

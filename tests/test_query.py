@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from conftest import bpe_tokenizer, corpus_batches, train_lm
-from ekfac_influence import CausalLMObjective, FactorConfig, ScoreConfig, compute_scores, fit_factors, select_layers
+from ekfac_influence import CausalLMObjective, FactorConfig, ScoreConfig, compute_scores, fit_factors
 from ekfac_influence.config import QueryConfig
 from ekfac_influence.data import DataError, Query, collate_query_rows, encode_query, pack
 from ekfac_influence.demo import pydoc_documents
-from ekfac_influence.model import load_causal_lm
 from ekfac_influence.evaluate import shortlist_recall_audit
 from ekfac_influence.query import RunningTopK, is_spurious, query_influence
 from ekfac_influence.shortlist import ShortlistIndex

@@ -261,3 +261,36 @@ def test_factors_are_stored_as_safetensors_and_json_without_pickle(small_digits,
     for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(target, name, no_pickle)
     assert_same_factors(ei.Factors.load(path, model=model), factors)
+
+
+def test_a_fit_with_block_diagonal_factors_resumes_from_its_saved_blocks(tmp_path, monkeypatch, capsys):
+    """The covariance pass's result and the correction pass's partial sums are saved as blocks and resumed."""
+    from conftest import char_sequences, lm_batches, make_llama
+
+    import ekfac_influence as ei
+    from ekfac_influence import pipeline
+    from ekfac_influence.factors import BlockDiagonal
+    from ekfac_influence.storage import PassCheckpoint
+
+    model = make_llama().double()
+    train = lm_batches(char_sequences(12, 16), 4)
+    objective, config = ei.CausalLMObjective(), ei.FactorConfig(factor_dtype="float64", blocks=2)
+    reference = ei.fit_factors(model, train, objective, config, show_progress=False)
+    checkpoint = PassCheckpoint(tmp_path, {"run": 1}, every_batches=1)
+    correct = pipeline.correct_eigenvalues
+
+    def interrupted(model, layers, fitted, batches, *args, **kwargs):  # dies on the second batch
+        return correct(model, layers, fitted, [batches[0], None], *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "correct_eigenvalues", interrupted)
+    with pytest.raises(Exception):
+        ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)
+    monkeypatch.setattr(pipeline, "correct_eigenvalues", correct)
+    assert (tmp_path / "covariances.done.safetensors").exists() and (tmp_path / "correction.rank0.safetensors").exists()
+    capsys.readouterr()
+    resumed = ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)
+    assert "resuming the correction pass at batch 1" in capsys.readouterr().out
+    for a, b in zip(reference.layers, resumed.layers):
+        assert isinstance(b.QA_II, BlockDiagonal) and isinstance(b.S_OO, BlockDiagonal)
+        torch.testing.assert_close(b.lambda_OI, a.lambda_OI, rtol=1e-12, atol=0)
+        torch.testing.assert_close(b.S_OO.dense(), a.S_OO.dense(), rtol=1e-12, atol=0)

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
