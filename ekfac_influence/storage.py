@@ -212,26 +212,39 @@ class PassCheckpoint:
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(tensors, meta) saved under `name` by this process (or by the main one for "*.done")."""
-        stem = self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
-        meta_path, tensor_path = stem.with_suffix(stem.suffix + ".json"), stem.with_suffix(stem.suffix + ".safetensors")
-        if not meta_path.exists() or not tensor_path.exists():
+        meta_path = self._stem(name).with_suffix(self._stem(name).suffix + ".json")
+        if not meta_path.exists():
             return None
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") != self.key or meta.get("sha256") != sha256_file(tensor_path):
+        tensor_path = self.directory / str(meta.get("file"))
+        if meta.get("key") != self.key or not tensor_path.is_file() or meta.get("sha256") != sha256_file(tensor_path):
             return None
         return unflatten_blocks(load_file(str(tensor_path))), meta
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Write the tensors to a new file, then point the JSON at it (one atomic rename commits both).
+
+        The previous tensor file is removed only after that, so a kill at any moment leaves a JSON
+        that names a complete file with its checksum: the last save, or the one before.
+        """
         if name.endswith(".done") and self.rank != 0:
             return
-        stem = self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
+        stem = self._stem(name)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = stem.with_suffix(stem.suffix + ".safetensors.tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in flatten_blocks(tensors).items()}, str(tmp))
         digest = sha256_file(tmp)
-        os.replace(tmp, stem.with_suffix(stem.suffix + ".safetensors"))
-        atomic_write_text(stem.with_suffix(stem.suffix + ".json"), json.dumps(dict(meta, key=self.key, sha256=digest)))
+        tensor_path = stem.with_suffix(f"{stem.suffix}.{digest[:16]}.safetensors")
+        os.replace(tmp, tensor_path)
+        atomic_write_text(stem.with_suffix(stem.suffix + ".json"),
+                          json.dumps(dict(meta, key=self.key, sha256=digest, file=tensor_path.name)))
+        for old in self.directory.glob(f"{stem.name}.*.safetensors"):
+            if old != tensor_path:
+                old.unlink(missing_ok=True)
         self._last = time.monotonic()
+
+    def _stem(self, name: str) -> Path:
+        return self.directory / (name if name.endswith(".done") else f"{name}.rank{self.rank}")
 
     def child(self, name: str) -> "PassCheckpoint":
         """The same checkpoint, kept in a subdirectory (one per group of layers)."""

@@ -286,7 +286,7 @@ def test_a_fit_with_block_diagonal_factors_resumes_from_its_saved_blocks(tmp_pat
     with pytest.raises(Exception):
         ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)
     monkeypatch.setattr(pipeline, "correct_eigenvalues", correct)
-    assert (tmp_path / "covariances.done.safetensors").exists() and (tmp_path / "correction.rank0.safetensors").exists()
+    assert (tmp_path / "covariances.done.json").exists() and (tmp_path / "correction.rank0.json").exists()
     capsys.readouterr()
     resumed = ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)
     assert "resuming the correction pass at batch 1" in capsys.readouterr().out
@@ -294,3 +294,26 @@ def test_a_fit_with_block_diagonal_factors_resumes_from_its_saved_blocks(tmp_pat
         assert isinstance(b.QA_II, BlockDiagonal) and isinstance(b.S_OO, BlockDiagonal)
         torch.testing.assert_close(b.lambda_OI, a.lambda_OI, rtol=1e-12, atol=0)
         torch.testing.assert_close(b.S_OO.dense(), a.S_OO.dense(), rtol=1e-12, atol=0)
+
+
+def test_a_checkpoint_killed_between_its_tensor_file_and_its_json_still_loads_the_previous_save(tmp_path, monkeypatch):
+    """The JSON names its tensor file; the previous file goes only after the JSON points elsewhere."""
+    from ekfac_influence import storage
+    from ekfac_influence.storage import PassCheckpoint
+
+    checkpoint = PassCheckpoint(tmp_path, {"run": 1}, every_batches=1)
+    checkpoint.save("scan", {"x": torch.ones(3)}, {"next_batch": 1})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after the new tensor file, before its JSON
+
+    monkeypatch.setattr(storage, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save("scan", {"x": torch.full((3,), 2.0)}, {"next_batch": 2})
+    monkeypatch.undo()
+    tensors, meta = PassCheckpoint(tmp_path, {"run": 1}).load("scan")
+    assert meta["next_batch"] == 1 and tensors["x"].tolist() == [1.0, 1.0, 1.0]
+    checkpoint.save("scan", {"x": torch.full((3,), 3.0)}, {"next_batch": 3})
+    tensors, meta = PassCheckpoint(tmp_path, {"run": 1}).load("scan")
+    assert meta["next_batch"] == 3 and tensors["x"].tolist() == [3.0, 3.0, 3.0]
+    assert len(list(tmp_path.glob("scan.rank0.*.safetensors"))) == 1  # older saves cleaned up
