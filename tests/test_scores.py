@@ -202,8 +202,8 @@ def test_grouping_per_sequence_gradients_before_the_query_product_changes_no_sco
     calls = []
     original = pipeline._score_group
     monkeypatch.setattr(pipeline, "_GROUP_ELEMENTS", budget)
-    monkeypatch.setattr(pipeline, "_score_group", lambda pending, *rest: (calls.append(len(pending)) if pending else None,
-                                                                          original(pending, *rest)))
+    monkeypatch.setattr(pipeline, "_score_group", lambda group, *rest: (calls.append(len(group)) if len(group) else None,
+                                                                        original(group, *rest)))
     grouped = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective, FLOAT64, show_progress=False)
     assert sum(1 for size in calls if size) == flushes
     assert_close(grouped.scores, reference.scores)
