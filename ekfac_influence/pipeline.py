@@ -18,12 +18,10 @@ from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, batch_size
 from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
 from .precondition import LowRank, compress, precondition
-from .scores import ScoreResult, layer_scores
+from .scores import BatchScorer, ScoreResult
 from .storage import PassCheckpoint
 
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
-_DENSE_QUERY_ELEMENTS = 2**28  # a rank-k query set is expanded to dense only below this size
-_GROUP_ELEMENTS = 2**26  # per-sequence gradients buffered before one product with every dense query gradient
 
 
 class FactorMismatchError(ValueError):
@@ -415,113 +413,18 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
 
 def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,
                        objective: Objective, config: ScoreConfig, *, show_progress: bool = True) -> ScoreResult:
-    """One pass over the training batches; every stored query is scored from the same backward.
-
-    Dense query gradients meet the per-sequence gradients D_BOI of several batches in one product
-    (up to _GROUP_ELEMENTS buffered): with small batches, [Q, O·I] × [O·I, B] is bound by reading P.
-    Layers whose D_BOI is large (big models) are scored batch by batch, as memory allows.
-    """
-    dtype = getattr(torch, config.compute_dtype)
-    local, group = {}, _Group()
+    """One pass over the training batches; every stored query is scored from the same backward."""
+    scorer = BatchScorer(preconditioned, [l.name for l in layers], getattr(torch, config.compute_dtype),
+                         per_token=config.per_token)
+    local = {}
     for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="scores",
                              show_progress=show_progress):
-        per_layer, tokens, grouped = {}, None, {}
-        for layer in layers:
-            g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
-            P = _scoring_form(preconditioned, layer.name, g_BTO.shape, a_BTI.shape[-1], config.per_token)
-            if isinstance(P, Tensor) and not config.per_token and _groupable(g_BTO, a_BTI, len(layers)):
-                grouped[layer.name] = (g_BTO, a_BTI)
-                continue
-            score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=config.per_token)
-            # ∇log p(z) = −∇L(z): the kernel ran on g = ∂L/∂s, so the sign flips here, on [Q, B]
-            per_layer[layer.name] = -score_QB.cpu()
-            if tokens_QBT is not None:
-                tokens = -tokens_QBT if tokens is None else tokens - tokens_QBT
-        local[item.index] = (per_layer, None if tokens is None else tokens.cpu())
-        if grouped:
-            if not group.fits(grouped):
-                _score_group(group, preconditioned, local)
-            group.add(item.index, grouped)
-            if group.elements() >= _GROUP_ELEMENTS:
-                _score_group(group, preconditioned, local)
-    _score_group(group, preconditioned, local)
+        for done in scorer.add(item):
+            local[done.index] = (done.per_layer, done.tokens)
+    for done in scorer.flush():
+        local[done.index] = (done.per_layer, done.tokens)
     merged = distributed.gather_by_key(local)
     return _assemble(merged, [l.name for l in layers], config)
-
-
-def _groupable(g_BTO: Tensor, a_BTI: Tensor, num_layers: int) -> bool:
-    """Buffer only small per-sequence gradients: a batch's, over every layer, within 1/4 of the budget."""
-    return g_BTO.shape[0] * g_BTO.shape[-1] * a_BTI.shape[-1] * num_layers <= _GROUP_ELEMENTS // 4
-
-
-class _Group:
-    """Per-sequence gradients D_BOI of consecutive batches, written in place into one [G, O, I] buffer per layer.
-
-    The buffers are kept from group to group (no concatenation, no new allocation per batch).
-    """
-
-    def __init__(self):
-        self.buffers: dict[str, Tensor] = {}
-        self.batches: list[tuple[int, int]] = []  # (batch index, sequences)
-        self.count = 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def fits(self, grouped: dict) -> bool:
-        """Whether this batch's layers and dtype match the group's (they do, except after a change of set-up)."""
-        return not self.batches or (set(grouped) == set(self.buffers)
-                                    and all(self.buffers[n].dtype == g.dtype for n, (g, _) in grouped.items()))
-
-    def add(self, index: int, grouped: dict[str, tuple[Tensor, Tensor]]) -> None:
-        if not self.batches and set(grouped) != set(self.buffers):
-            self.buffers = {}
-        B = next(iter(grouped.values()))[0].shape[0]
-        per_sequence = sum(g.shape[-1] * a.shape[-1] for g, a in grouped.values())
-        capacity = -(-_GROUP_ELEMENTS // per_sequence) + B  # a group is flushed once it holds _GROUP_ELEMENTS
-        for name, (g_BTO, a_BTI) in grouped.items():
-            buffer = self.buffers.get(name)
-            if buffer is None or buffer.shape[0] < self.count + B or buffer.dtype != g_BTO.dtype:
-                grown = g_BTO.new_empty(max(self.count + B, capacity), g_BTO.shape[-1], a_BTI.shape[-1])
-                if buffer is not None and self.count:
-                    grown[: self.count] = buffer[: self.count]
-                self.buffers[name] = buffer = grown
-            torch.bmm(g_BTO.transpose(1, 2), a_BTI, out=buffer[self.count : self.count + B])
-        self.batches.append((index, B))
-        self.count += B
-
-    def elements(self) -> int:
-        return sum(self.count * D.shape[1] * D.shape[2] for D in self.buffers.values())
-
-    def clear(self) -> None:
-        self.batches, self.count = [], 0
-
-
-def _score_group(group: _Group, preconditioned: dict, local: dict) -> None:
-    """score_QB = −⟨P_q, D_b⟩ for every buffered batch, one product per layer; empties the group."""
-    if not group.batches:
-        return
-    sizes = [size for _, size in group.batches]
-    for name, buffer in group.buffers.items():
-        D_GOI = buffer[: group.count]
-        score_QG = -(preconditioned[name].flatten(1) @ D_GOI.flatten(1).T).cpu()
-        for (index, _), score_QB in zip(group.batches, score_QG.split(sizes, dim=1)):
-            local[index][0][name] = score_QB
-    group.clear()
-
-
-def _scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool):
-    """A rank-k query gradient is turned dense once, for good, when the dense kernel is cheaper and fits."""
-    P = preconditioned[name]
-    if not isinstance(P, LowRank) or per_token:
-        return P
-    B, T, O = shape_BTO
-    Q, _, K = P.left_QOK.shape
-    low_rank_flops = Q * B * T * K * (O + I)
-    dense_flops = B * T * O * I + Q * B * O * I
-    if dense_flops < low_rank_flops and Q * O * I <= _DENSE_QUERY_ELEMENTS:
-        preconditioned[name] = P = P.dense()
-    return P
 
 
 def _assemble(merged: dict, names: list[str], config: ScoreConfig) -> ScoreResult:

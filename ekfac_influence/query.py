@@ -31,9 +31,9 @@ from .factors import Factors
 from .model import TrackedLayer, context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import capture_pass, device_of, evaluation_mode
-from .pipeline import _scoring_form, check_factors_match, preconditioned_query_gradients
+from .pipeline import check_factors_match, preconditioned_query_gradients
 from .precondition import LowRank
-from .scores import layer_scores, pair_sequence_scores, pair_token_scores
+from .scores import BatchScorer, pair_sequence_scores, pair_token_scores
 from .storage import PassCheckpoint, StorageError, replace_directory
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
@@ -310,28 +310,33 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
     own_ids = union[batch_of % distributed.world() == distributed.rank()]
     loader = torch.utils.data.DataLoader(PackedDataset(corpus, own_ids), batch_size=config.batch_size,
                                          num_workers=config.num_workers, shuffle=False)
-    dtype = getattr(torch, config.compute_dtype)
+    names = [layer.name for layer in layers]
+    scorer = BatchScorer(P, names, getattr(torch, config.compute_dtype))
     Q = scores_QN.shape[0]
     best = RunningTopK(Q, max(config.top_k, config.rerank))
     start = best.restore(checkpoint)
     most = -(-(-(-len(union) // config.batch_size)) // distributed.world())  # batches of the busiest process
+    ids_of: dict[int, np.ndarray] = {}
+
+    def record(finished: list) -> None:
+        for done in finished:
+            ids_C = ids_of.pop(done.index)
+            total_QC = done.total(names).float()
+            scores_QN[:, ids_C] = total_QC.numpy()
+            member_QC = torch.ones_like(total_QC, dtype=torch.bool) if sets is None else \
+                torch.from_numpy(np.stack([np.isin(ids_C, s) for s in sets]))
+            best.update(total_QC, torch.from_numpy(ids_C), member_QC)
+
     for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="scan",
                              show_progress=show_progress, shard=False, start=start,
                              pad_to=most if distributed.lockstep() else None):
-        ids_C = own_ids[item.first : item.first + item.num_sequences]
-        total_QC = 0
-        for layer in layers:
-            g_BTO, a_BTI = item.grads[layer.name].to(dtype), item.acts[layer.name].to(dtype)
-            form = _scoring_form(P, layer.name, g_BTO.shape, a_BTI.shape[-1], False)
-            score_QB, _ = layer_scores(form, g_BTO, a_BTI, per_token=False)
-            total_QC = total_QC - score_QB.float().cpu()  # ∇log p(z) = −∇L(z)
-        scores_QN[:, ids_C] = total_QC.numpy()
-        member_QC = torch.ones_like(total_QC, dtype=torch.bool) if sets is None else \
-            torch.from_numpy(np.stack([np.isin(ids_C, s) for s in sets]))
-        best.update(total_QC, torch.from_numpy(ids_C), member_QC)
+        ids_of[item.index] = own_ids[item.first : item.first + item.num_sequences]
+        record(scorer.add(item))
         if checkpoint is not None and checkpoint.due(item.index + 1):
-            scores_QN.flush()  # the scores before the progress mark are on disk
+            record(scorer.flush())  # every batch before the progress mark is scored
+            scores_QN.flush()  # and on disk
             best.save(checkpoint, item.index + 1)
+    record(scorer.flush())
     if hasattr(scores_QN, "flush"):
         scores_QN.flush()
     parts = distributed.gather_by_key({distributed.rank(): (best.pos_values, best.pos_ids, best.neg_values, best.neg_ids)})

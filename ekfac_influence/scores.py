@@ -14,6 +14,7 @@ flops); per-token scores contract token by token (Q·B·T·O·I); a rank-k P con
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from torch import Tensor
 from .precondition import LowRank
 
 _CHUNK_ELEMENTS = 2**26  # bound on intermediate tensors of the token-wise kernels
+_DENSE_QUERY_ELEMENTS = 2**28  # a rank-k query set is expanded to dense only below this size
+_GROUP_ELEMENTS = 2**26  # per-sequence gradients buffered before one product with every dense query gradient
 
 
 def _query_chunks(Q: int, per_query: int):
@@ -100,6 +103,138 @@ def pair_sequence_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M:
         else:
             out.append((P[q] * D_BOI[b]).sum((1, 2)))
     return torch.cat(out) if out else d_BTO.new_zeros(0)
+
+
+def scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool) -> Tensor | LowRank:
+    """A rank-k query gradient is turned dense once, for good, when the dense kernel is cheaper and fits."""
+    P = preconditioned[name]
+    if not isinstance(P, LowRank) or per_token:
+        return P
+    B, T, O = shape_BTO
+    Q, _, K = P.left_QOK.shape
+    low_rank_flops = Q * B * T * K * (O + I)
+    dense_flops = B * T * O * I + Q * B * O * I
+    if dense_flops < low_rank_flops and Q * O * I <= _DENSE_QUERY_ELEMENTS:
+        preconditioned[name] = P = P.dense()
+    return P
+
+
+@dataclass
+class BatchScores:
+    """One batch's scores against every query (positive = helpful): per layer [Q, B], per token [Q, B, T]."""
+
+    index: int
+    per_layer: dict[str, Tensor]
+    tokens: Tensor | None = None
+
+    def total(self, names: Sequence[str]) -> Tensor:
+        """Σ over layers, always in the order of `names` (the same rounding however batches were grouped)."""
+        return sum(self.per_layer[name] for name in names)
+
+
+class BatchScorer:
+    """Scores every captured batch against all query gradients, layer by layer, in the cheapest order.
+
+    Dense query gradients meet the per-sequence gradients D_BOI of several batches in one product
+    (up to _GROUP_ELEMENTS buffered): with small batches, [Q, O·I] × [O·I, B] is bound by reading P.
+    So `add` returns the batches whose scores are complete (none, one or several) and `flush`
+    completes the rest. Layers whose D_BOI is large (big models) are scored batch by batch.
+    """
+
+    def __init__(self, preconditioned: dict, names: list[str], dtype: torch.dtype, *, per_token: bool = False):
+        self.P, self.names, self.dtype, self.per_token = preconditioned, names, dtype, per_token
+        self.group = _Group()
+        self.waiting: dict[int, BatchScores] = {}
+
+    def add(self, item) -> list[BatchScores]:
+        """Score a `passes.BatchCapture`; the sign flips here: ∇log p(z) = −∇L(z), the kernels ran on g = ∂L/∂s."""
+        per_layer, tokens, grouped = {}, None, {}
+        for name in self.names:
+            g_BTO, a_BTI = item.grads[name].to(self.dtype), item.acts[name].to(self.dtype)
+            P = scoring_form(self.P, name, g_BTO.shape, a_BTI.shape[-1], self.per_token)
+            if isinstance(P, Tensor) and not self.per_token and _groupable(g_BTO, a_BTI, len(self.names)):
+                grouped[name] = (g_BTO, a_BTI)
+                continue
+            score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=self.per_token)
+            per_layer[name] = -score_QB.cpu()
+            if tokens_QBT is not None:
+                tokens = -tokens_QBT if tokens is None else tokens - tokens_QBT
+        scores = BatchScores(item.index, per_layer, None if tokens is None else tokens.cpu())
+        if not grouped:
+            return [scores]
+        done = [] if self.group.fits(grouped) else self.flush()
+        self.waiting[item.index] = scores
+        self.group.add(item.index, grouped)
+        if self.group.elements() >= _GROUP_ELEMENTS:
+            done += self.flush()
+        return done
+
+    def flush(self) -> list[BatchScores]:
+        """score_QB = −⟨P_q, D_b⟩ for every buffered batch, one product per layer; returns them in order."""
+        _score_group(self.group, self.P, self.waiting)
+        done = [self.waiting.pop(index) for index in sorted(self.waiting)]
+        return done
+
+
+def _groupable(g_BTO: Tensor, a_BTI: Tensor, num_layers: int) -> bool:
+    """Buffer only small per-sequence gradients: a batch's, over every layer, within 1/4 of the budget."""
+    return g_BTO.shape[0] * g_BTO.shape[-1] * a_BTI.shape[-1] * num_layers <= _GROUP_ELEMENTS // 4
+
+
+class _Group:
+    """Per-sequence gradients D_BOI of consecutive batches, written in place into one [G, O, I] buffer per layer.
+
+    The buffers are allocated once, at the size of a full group, and kept from group to group.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+        self.batches: list[tuple[int, int]] = []  # (batch index, sequences)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def fits(self, grouped: dict) -> bool:
+        """Whether this batch's layers and dtype match the group's (they do, except after a change of set-up)."""
+        return not self.batches or (set(grouped) == set(self.buffers)
+                                    and all(self.buffers[n].dtype == g.dtype for n, (g, _) in grouped.items()))
+
+    def add(self, index: int, grouped: dict[str, tuple[Tensor, Tensor]]) -> None:
+        if not self.batches and set(grouped) != set(self.buffers):
+            self.buffers = {}
+        B = next(iter(grouped.values()))[0].shape[0]
+        per_sequence = sum(g.shape[-1] * a.shape[-1] for g, a in grouped.values())
+        capacity = -(-_GROUP_ELEMENTS // per_sequence) + B  # a group is flushed once it holds _GROUP_ELEMENTS
+        for name, (g_BTO, a_BTI) in grouped.items():
+            buffer = self.buffers.get(name)
+            if buffer is None or buffer.shape[0] < self.count + B or buffer.dtype != g_BTO.dtype:
+                grown = g_BTO.new_empty(max(self.count + B, capacity), g_BTO.shape[-1], a_BTI.shape[-1])
+                if buffer is not None and self.count:
+                    grown[: self.count] = buffer[: self.count]
+                self.buffers[name] = buffer = grown
+            torch.bmm(g_BTO.transpose(1, 2), a_BTI, out=buffer[self.count : self.count + B])
+        self.batches.append((index, B))
+        self.count += B
+
+    def elements(self) -> int:
+        return sum(self.count * D.shape[1] * D.shape[2] for D in self.buffers.values())
+
+    def clear(self) -> None:
+        self.batches, self.count = [], 0
+
+
+def _score_group(group: _Group, preconditioned: dict, waiting: dict[int, BatchScores]) -> None:
+    """Fill in the grouped layers' scores of the group's batches; empties the group."""
+    if not group.batches:
+        return
+    sizes = [size for _, size in group.batches]
+    for name, buffer in group.buffers.items():
+        D_GOI = buffer[: group.count]
+        score_QG = -(preconditioned[name].flatten(1) @ D_GOI.flatten(1).T).cpu()
+        for (index, _), score_QB in zip(group.batches, score_QG.split(sizes, dim=1)):
+            waiting[index].per_layer[name] = score_QB
+    group.clear()
 
 
 @dataclass

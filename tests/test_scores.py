@@ -193,16 +193,16 @@ def test_grouping_per_sequence_gradients_before_the_query_product_changes_no_sco
 
     Budget 24,576 elements: a batch of 2 holds 2 × 512 × 6 layers = 6,144, so 4 batches fill it.
     """
-    import ekfac_influence.pipeline as pipeline
+    import ekfac_influence.scores as scores
 
     model, factors, _, objective = fitted
     train = lm_batches(char_sequences(16, 20), 2)
     reference = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective,
                                   ei.ScoreConfig(per_token=True, compute_dtype="float64"), show_progress=False)
     calls = []
-    original = pipeline._score_group
-    monkeypatch.setattr(pipeline, "_GROUP_ELEMENTS", budget)
-    monkeypatch.setattr(pipeline, "_score_group", lambda group, *rest: (calls.append(len(group)) if len(group) else None,
+    original = scores._score_group
+    monkeypatch.setattr(scores, "_GROUP_ELEMENTS", budget)
+    monkeypatch.setattr(scores, "_score_group", lambda group, *rest: (calls.append(len(group)) if len(group) else None,
                                                                         original(group, *rest)))
     grouped = ei.compute_scores(model, factors, query_batches(QUERIES), train, objective, FLOAT64, show_progress=False)
     assert sum(1 for size in calls if size) == flushes
