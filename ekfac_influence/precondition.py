@@ -106,9 +106,9 @@ def compress(P_QOI: Tensor, rank: int) -> LowRank | Tensor:
 
     Computed from the eigendecomposition of the smaller Gram matrix (PᵀP when I ≤ O): V_k = its top-k
     eigenvectors, P V_k = U_k diag(σ_k). Much faster than a batched SVD on CPU. It works in float64
-    for float64 input and in float32 otherwise, at half the time: on the benchmark's 1,536 query
-    gradients the float32 truncation error ‖P − P_k‖ exceeded the float64 one by at most 2·10⁻⁴ ‖P‖,
-    against a median truncation error of 3·10⁻² ‖P‖ at rank 32.
+    for float64 input and in float32 otherwise, at half the time: on the engine benchmark's 1,536
+    query gradients (in random eigenbases, docs/benchmarks.md) the float32 truncation error ‖P − P_k‖
+    exceeded the float64 one by at most 2·10⁻⁴ ‖P‖, against a median of 3·10⁻² ‖P‖ at rank 32.
     Returns the input unchanged when k ≥ min(O, I).
     """
     Q, O, I = P_QOI.shape

@@ -17,6 +17,7 @@ Run from the repository root (about 3 minutes on 2 CPU cores; the figures go int
     python scripts/bench_engine.py --sequences 512 --length 128
     python scripts/bench_engine.py --wait-idle 600        # first wait for other processes to leave the CPUs
     python scripts/bench_engine.py --profile              # also: which operators the fit and scoring spend on
+    python scripts/bench_engine.py --floor                # also: the parts of a scoring pass, timed apart
     python scripts/bench_engine.py --device cuda          # on a GPU
 
 Protocol. Every timed stage is followed by a timed epoch, and its ratio is taken to the mean of the
@@ -44,7 +45,7 @@ import torch
 import ekfac_influence as ei
 from ekfac_influence.factors import eigendecompose
 from ekfac_influence.model import select_layers
-from ekfac_influence.passes import evaluation_mode
+from ekfac_influence.passes import capture_pass, evaluation_mode
 from ekfac_influence.pipeline import (check_factors_match, collect_covariances, correct_eigenvalues, query_gradients,
                                       score_training_set)
 from ekfac_influence.precondition import compress, precondition
@@ -289,6 +290,44 @@ def score_in_steps(model, factors, query_batches: list[dict], batches: list[dict
     return steps
 
 
+def floor_in_steps(model, factors, query_batches: list[dict], batches: list[dict], objective,
+                   trainee, device: torch.device) -> dict:
+    """What a scoring pass is made of, each part timed on its own over the same N sequences.
+
+    forward + backward with weight gradients but no optimizer step (what an epoch costs without
+    AdamW); the capture pass alone (forward + backward to the tracked outputs, no weight gradients);
+    the same plus the per-sequence gradients D_BOI of every tracked layer; the whole scoring pass
+    for these queries (the product with the query gradients added).
+    """
+    layers = check_factors_match(factors, model)
+    steps = {}
+
+    def forward_backward():
+        trainee.train()
+        for batch in batches:
+            trainee(**batch).loss.backward()
+        trainee.zero_grad(set_to_none=True)
+
+    def capture(per_sequence: bool):
+        with evaluation_mode(model):
+            for item in capture_pass(model, layers, batches, objective, loss="real", show_progress=False):
+                if per_sequence:
+                    for layer in layers:
+                        torch.bmm(item.grads[layer.name].transpose(1, 2), item.acts[layer.name])
+
+    with evaluation_mode(model):
+        preconditioned = precondition(query_gradients(model, layers, query_batches, objective, show_progress=False),
+                                      factors)
+    steps["forward + backward, no optimizer step"], _ = timed(forward_backward, device)
+    steps["capture pass (no weight gradients)"], _ = timed(lambda: capture(False), device)
+    steps["capture pass + per-sequence gradients"], _ = timed(lambda: capture(True), device)
+    with evaluation_mode(model):
+        steps[f"scoring pass, Q={len(preconditioned[layers[0].name])}"], _ = timed(
+            lambda: score_training_set(model, layers, preconditioned, batches, objective, ei.ScoreConfig(),
+                                       show_progress=False), device)
+    return steps
+
+
 def break_even(label: str, steps: dict[str, Measurement], num_sequences: int, aim: float) -> str:
     """From which N a scoring stage meets its aim: per-query work is fixed, the training pass grows with N."""
     fixed = sum(m.seconds for name, m in steps.items() if name != TRAINING_PASS)
@@ -366,6 +405,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step fit and scoring")
     parser.add_argument("--no-full-rank-128", action="store_true", help="skip Q=128 at full rank")
     parser.add_argument("--profile", action="store_true", help="then profile one fit and one Q=128 rank-k scoring")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the parts of a Q=16 scoring pass: forward + backward without the optimizer, "
+                             "the capture pass, + per-sequence gradients, the whole pass")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="first wait up to S seconds for other processes to leave the CPUs idle")
@@ -462,6 +504,10 @@ def main() -> None:
                                                        device))
             rows += [Row(name, m, step=True) for name, m in steps.items()]
             break_evens.append(break_even(label, steps, args.sequences, aim))
+
+    if args.floor:
+        steps = bench.steps(lambda: floor_in_steps(model, factors, queries[16], train, objective, trainee, device))
+        rows += [Row(name, m, step=i > 0) for i, (name, m) in enumerate(steps.items())]
 
     unit = bench.unit()
     print(f"- epochs, in the order run: {' '.join(f'{t.seconds:.2f}' for t in bench.epochs)} s; the table's seconds "

@@ -2,7 +2,8 @@
 another model or other layers, detection of corruption, and no pickle anywhere (DESIGN §4).
 
 On disk a factors directory is `factors.safetensors` (tensors `{layer}/{A_II, S_OO, QA_II, QS_OO,
-eigA_I, eigS_O, lambda_OI}` and `ggn_PP` for the exact strategy) and `manifest.json` (fingerprint,
+eigA_I, eigS_O, lambda_OI}`, a block-diagonal factor as its blocks `{layer}/QA_II#0`, `#1`, ..., and
+`ggn_PP` for the exact strategy) and `manifest.json` (fingerprint,
 strategy, layers, resolved config, checksum of the tensors).
 """
 
