@@ -227,8 +227,13 @@ def measure(model, tokenizer, encoded: list[EncodedQuery], rows_per_batch: int =
 
 def preconditioned_queries(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
                            config: QueryConfig, *, rank: int | None) -> dict[str, Tensor | LowRank]:
-    """{layer: P(∇f_q) for every query}: groups of queries split among the processes, gathered on all."""
-    groups = [query_rows(group) for group in _query_groups(encoded, config.query_batch_size)]
+    """{layer: P(∇f_q) for every query}: groups of queries split among the processes, gathered on all.
+
+    Groups hold at most `query_batch_size` rows, and fewer when that leaves a process without a group.
+    """
+    rows = sum(len(item.rows()) for item in encoded)
+    per_group = max(1, min(config.query_batch_size, -(-rows // distributed.world())))
+    groups = [query_rows(group) for group in _query_groups(encoded, per_group)]
     batches = [collate_query_rows(rows, pad_token_id(tokenizer)) for rows, _ in groups]
     return preconditioned_query_gradients(model, layers, factors, batches, CausalLMObjective(),
                                           dtype=getattr(torch, config.compute_dtype), rank=rank,

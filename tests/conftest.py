@@ -184,3 +184,12 @@ def corpus_batches(corpus, batch_size: int) -> list[dict]:
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
     return [{"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size]}
             for i in range(0, len(ids), batch_size)]
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now, for a torchrun rendezvous (a fixed port can still be in use)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

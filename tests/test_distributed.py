@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from conftest import free_port
+
 WORKER = Path(__file__).parent / "workers" / "distributed_fit_and_score.py"
 
 
@@ -25,7 +27,7 @@ def test_two_processes_give_the_factors_and_scores_of_one_with_an_uneven_last_ba
     single = run(str(model_path))
     out_path = tmp_path / "two.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                                str(WORKER), str(model_path), str(out_path)], env=env, capture_output=True, text=True, timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
     two = load_file(str(out_path))
@@ -49,7 +51,7 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for name, command in (("one", [sys.executable, str(worker)]),
                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", "29533", str(worker)])):
+                                   "--master_port", free_port(), str(worker)])):
         launched = subprocess.run(command + [str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600)
         assert launched.returncode == 0, launched.stderr[-3000:]
     shape = json.loads((tmp_path / "one" / "manifest.json").read_text())["scores"]["shape"]
@@ -76,7 +78,7 @@ def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scor
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for name, command in (("one", [sys.executable, str(worker)]),
                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", "29535", str(worker)])):
+                                   "--master_port", free_port(), str(worker)])):
         launched = subprocess.run(command + [str(tmp_path / f"{name}.safetensors")], env=env, capture_output=True,
                                   text=True, timeout=600)
         assert launched.returncode == 0, launched.stderr[-3000:]

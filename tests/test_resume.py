@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import bpe_tokenizer
+from conftest import bpe_tokenizer, free_port
 from ekfac_influence.demo import pydoc_documents
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,7 @@ def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_pr
     # torchrun would take --run for its own --run-path: the run directory goes into the config instead
     config = yaml.safe_load((project / "run.yaml").read_text())
     (project / "two.yaml").write_text(yaml.safe_dump(dict(config, run=run)))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537", "-m",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
               "ekfac_influence", "fit", "--config", "two.yaml", "--quiet"]
     process = subprocess.Popen(niced(launch), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = project / run / "factors.partial" / "covariances.rank1.json"
