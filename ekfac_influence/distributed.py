@@ -127,6 +127,12 @@ def sum_reduce_(tensors: list[torch.Tensor]) -> None:
         buckets[kind][-1].append(tensor)
         filled[kind] += size
     for bucket in (bucket for kind in buckets.values() for bucket in kind):
+        alone = bucket[0]
+        if len(bucket) == 1 and alone.is_contiguous() and not (alone.device.type == "cpu" and dist.get_backend() == "nccl"):
+            dist.all_reduce(alone)  # a tensor larger than a bucket: reduced in place, no copy
+            TRAFFIC["all_reduce_bytes"] += alone.numel() * alone.element_size()
+            TRAFFIC["calls"] += 1
+            continue
         flat = torch.cat([t.reshape(-1) for t in bucket])
         if flat.device.type == "cpu" and dist.get_backend() == "nccl":  # pragma: no cover - GPU clusters
             flat = flat.cuda()
@@ -162,19 +168,47 @@ def sum_scalar(value: float) -> float:
     return float(sum(out))
 
 
+def gather_tensors_by_key(local: dict[int, list[torch.Tensor]], device: torch.device) -> dict[int, list[torch.Tensor]]:
+    """Merge {key: [tensors]} from every process onto `device` of every process, without pickling them.
+
+    Only shapes and dtypes travel as objects; each key's tensors are then broadcast from the process
+    that holds them (one flattened broadcast per key), into buffers allocated where they are needed.
+    """
+    if world() == 1:
+        return {key: [t.to(device) for t in tensors] for key, tensors in local.items()}
+    specs: dict = {}  # key -> (owner, [(shape, dtype)]); small, not counted in TRAFFIC
+    for part in _all_gather_objects({key: (rank(), [(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                                                    for t in tensors]) for key, tensors in local.items()}):
+        specs.update(part)
+    merged = {}
+    for key in sorted(specs):
+        owner, shapes = specs[key]
+        if owner == rank():
+            tensors = [t.to(device) for t in local[key]]
+        else:
+            tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in shapes]
+        broadcast_tensors_(tensors, src=owner)
+        merged[key] = tensors
+    return merged
+
+
 def gather_by_key(local: dict) -> dict:
     """Merge {key: value} dicts from every process; the result is complete on every process."""
     if world() == 1:
         return local
-    parts = [None] * world()
     payload = {key: _to_cpu(value) for key, value in local.items()}
     TRAFFIC["gather_bytes"] += _payload_bytes(payload)
     TRAFFIC["calls"] += 1
-    dist.all_gather_object(parts, payload)
     merged: dict = {}
-    for part in parts:
+    for part in _all_gather_objects(payload):
         merged.update(part)
     return merged
+
+
+def _all_gather_objects(value: Any) -> list:
+    parts = [None] * world()
+    dist.all_gather_object(parts, value)
+    return parts
 
 
 def broadcast_object(value: Any) -> Any:

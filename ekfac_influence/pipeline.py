@@ -366,19 +366,37 @@ def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: F
 
 def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
                    *, show_progress: bool) -> dict:
-    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order."""
+    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order.
+
+    The results ({layer: dense tensor or LowRank}) travel as tensors (broadcast from their process),
+    never pickled: dense query gradients of a large model are gigabytes.
+    """
+    if distributed.lockstep():
+        require_reiterable(query_batches, "query_batches (with a sharded model)")
     local = {}
     for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
                              show_progress=show_progress):
         grads = {layer.name: sequence_gradients(_work(item.grads[layer.name]), _work(item.acts[layer.name]))
                  for layer in layers}
         local[item.index] = finish(grads, item.index)
-    merged = distributed.gather_by_key(local)
-    if not merged:
+    names = [layer.name for layer in layers]
+    kinds = distributed.gather_by_key({index: [isinstance(result[n], LowRank) for n in names]
+                                       for index, result in local.items()})
+    if not kinds:
         raise ValueError("query_batches is empty: no query to score")
-    device = device_of(model)
-    parts = [merged[index] for index in sorted(merged)]
-    return {layer.name: _concat([part[layer.name] for part in parts]).to(device) for layer in layers}
+    flat = {index: [t for n in names for t in _tensors(result[n])] for index, result in local.items()}
+    merged = distributed.gather_tensors_by_key(flat, device_of(model))
+    parts = []
+    for index in sorted(merged):
+        tensors, result = iter(merged[index]), {}
+        for name, low_rank in zip(names, kinds[index]):
+            result[name] = LowRank(next(tensors), next(tensors)) if low_rank else next(tensors)
+        parts.append(result)
+    return {name: _concat([part[name] for part in parts]) for name in names}
+
+
+def _tensors(value: Tensor | LowRank) -> list[Tensor]:
+    return [value.left_QOK, value.right_QIK] if isinstance(value, LowRank) else [value]
 
 
 def _concat(parts: list) -> Tensor | LowRank:

@@ -115,12 +115,14 @@ def compress(P_QOI: Tensor, rank: int) -> LowRank | Tensor:
     if rank >= min(O, I):
         return P_QOI
     P64 = P_QOI if P_QOI.dtype == torch.float64 else P_QOI.float()
+    # each query scaled to max |entry| = 1 for the Gram matrix (its squares neither overflow nor underflow)
+    scaled = P64 / P64.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(P64.dtype).tiny)
     if I <= O:
-        _, V_QII = torch.linalg.eigh(P64.transpose(1, 2) @ P64)
+        _, V_QII = torch.linalg.eigh(scaled.transpose(1, 2) @ scaled)
         right_QIK = V_QII[:, :, -rank:].flip(-1)
         left_QOK = P64 @ right_QIK
     else:
-        _, U_QOO = torch.linalg.eigh(P64 @ P64.transpose(1, 2))
+        _, U_QOO = torch.linalg.eigh(scaled @ scaled.transpose(1, 2))
         left_QOK = U_QOO[:, :, -rank:].flip(-1)
         right_QIK = P64.transpose(1, 2) @ left_QOK
     return LowRank(left_QOK.to(P_QOI.dtype).contiguous(), right_QIK.to(P_QOI.dtype).contiguous())

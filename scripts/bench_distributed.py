@@ -132,16 +132,16 @@ def run_worker(out_dir: Path, args: argparse.Namespace) -> None:
         fit_reduces.append(list(reduce_log))
 
         distributed.sum_scalar(0.0)
-        gathered = distributed.TRAFFIC["gather_bytes"]
+        gathered = distributed.TRAFFIC["gather_bytes"] + distributed.TRAFFIC.get("broadcast_bytes", 0)
         start = time.perf_counter()
         result = ei.compute_scores(model, factors, queries, train, objective, score_config, show_progress=False)
         score_seconds.append(time.perf_counter() - start)
-        score_gather.append(distributed.TRAFFIC["gather_bytes"] - gathered)
+        score_gather.append(distributed.TRAFFIC["gather_bytes"] + distributed.TRAFFIC.get("broadcast_bytes", 0) - gathered)
 
     start = time.perf_counter()  # eigh of every factor, all on one process (the fit divides them by layer)
     for layer in factors.layers:
-        eigendecompose(layer.A_II.double())
-        eigendecompose(layer.S_OO.double())
+        eigendecompose(layer.A_II)
+        eigendecompose(layer.S_OO)
     eigh_seconds = time.perf_counter() - start
 
     tracked = ei.select_layers(model, factor_config.layers)
@@ -221,19 +221,22 @@ def launch(name: str, processes: int, threads: int, args: argparse.Namespace, wo
     }
 
 
-def expected_bytes(layers: list[list], num_sequences: int, num_batches: int, queries: int, rank: int | None) -> dict:
+def expected_bytes(layers: list[list], num_sequences: int, num_batches: int, queries: int, rank: int | None,
+                   world: int) -> dict:
     covariance = sum(I * I + O * O for _, O, I in layers) * FLOAT64_BYTES + 2 * FLOAT64_BYTES
     correction = sum(O * I for _, O, I in layers) * FLOAT64_BYTES + 2 * FLOAT64_BYTES
-    # the preconditioned query gradients each process computed (rank-k factors, or dense O × I), then the scores
+    # the preconditioned query gradients (rank-k factors, or dense O × I), broadcast from the process that
+    # computed them (every process takes part in every broadcast); then the gather of the scores
     per_query = sum(rank * (O + I) if rank is not None and rank < min(O, I) else O * I for _, O, I in layers)
-    gather = queries * per_query * 4 + queries * num_sequences * len(layers) * 4 + num_batches * 8
+    gather = world * queries * per_query * 4 + queries * num_sequences * len(layers) * 4 + num_batches * 8
     return {"covariance": covariance, "correction": correction, "gather": gather}
 
 
 def report(runs: list[dict], args: argparse.Namespace) -> None:
     one, two_threads, two = runs
     first = two["ranks"][0]
-    expected = expected_bytes(first["layers"], first["num_sequences"], first["num_batches"], first["queries"], args.rank)
+    expected = expected_bytes(first["layers"], first["num_sequences"], first["num_batches"], first["queries"], args.rank,
+                              two["processes"])
     shapes = sorted({f"{O}×{I}" for _, O, I in first["layers"]})
     import torch
     import transformers
@@ -267,9 +270,9 @@ def report(runs: list[dict], args: argparse.Namespace) -> None:
     print(f"| all-reduce, covariance pass | {reduces[0][0]:,} | {expected['covariance']:,} | "
           f"8 × Σ_ℓ (I² + O²) + 16 (counts) |")
     print(f"| all-reduce, correction pass | {reduces[0][1]:,} | {expected['correction']:,} | 8 × Σ_ℓ O·I + 16 (counts) |")
-    print(f"| gathers of query gradients and scores | {' + '.join(f'{g:,}' for g in gathers)} = {sum(gathers):,} | "
-          f"{expected['gather']:,} | 4 × Q·Σ_ℓ K·(O + I) (rank-K query gradients) + 4 × Q·N·L (float32 per-layer "
-          f"scores) + 8 per batch |")
+    print(f"| broadcasts of query gradients, gather of scores | {' + '.join(f'{g:,}' for g in gathers)} = {sum(gathers):,} | "
+          f"{expected['gather']:,} | 2 × 4 × Q·Σ_ℓ K·(O + I) (rank-K query gradients, on both processes) + 4 × Q·N·L "
+          f"(float32 per-layer scores) + 8 per batch |")
     print(f"| all-reduce calls per fit | {len(reduces[0])} | 2 | one per pass |")
     print(f"\nSame scores either way: Σ|scores| = {one['ranks'][0]['checksum']:.8g} (1 process), "
           f"{two['ranks'][0]['checksum']:.8g} (2 processes).")

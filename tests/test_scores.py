@@ -71,6 +71,18 @@ def test_rank_k_compression_keeps_the_top_singular_directions():
     assert compress(P, 6) is P  # full rank: nothing to gain
 
 
+@pytest.mark.parametrize("scale", [1e25, 1e-25])
+def test_float32_rank_k_compression_survives_gradients_whose_squares_overflow_or_underflow(scale):
+    """The Gram matrix is formed from each query scaled to max |entry| = 1: (1e25)² overflows float32."""
+    generator = torch.Generator().manual_seed(1)
+    P = torch.randn(3, 40, 12, generator=generator, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(P, full_matrices=False)
+    best = U[:, :, :4] @ torch.diag_embed(S[:, :4]) @ Vh[:, :4]
+    low_rank = compress((P * scale).float(), 4)
+    assert bool(torch.isfinite(low_rank.left_QOK).all() and torch.isfinite(low_rank.right_QIK).all())
+    assert_close(low_rank.dense().double() / scale, best, rtol=1e-4, atol=1e-4)
+
+
 def test_low_rank_query_gradients_match_full_rank_to_a_measured_correlation():
     """Rank-k preconditioned query gradients vs full rank on a Llama with 64 × 128 MLP layers.
 
