@@ -168,27 +168,30 @@ def sum_scalar(value: float) -> float:
     return float(sum(out))
 
 
-def gather_tensors_by_key(local: dict[int, list[torch.Tensor]], device: torch.device) -> dict[int, list[torch.Tensor]]:
-    """Merge {key: [tensors]} from every process onto `device` of every process, without pickling them.
+def gather_tensors_by_key(local: dict[Any, tuple[Any, list[torch.Tensor]]], device: torch.device
+                          ) -> dict[Any, tuple[Any, list[torch.Tensor]]]:
+    """Merge {key: (small object, [tensors])} from every process onto `device` of every process.
 
-    Only shapes and dtypes travel as objects; each key's tensors are then broadcast from the process
-    that holds them (one flattened broadcast per key), into buffers allocated where they are needed.
+    The tensors are never pickled: only the small objects, shapes and dtypes travel as objects
+    (not counted in TRAFFIC); each key's tensors are then broadcast from the process that holds them
+    (one flattened broadcast per key) into buffers allocated where they are needed.
     """
     if world() == 1:
-        return {key: [t.to(device) for t in tensors] for key, tensors in local.items()}
-    specs: dict = {}  # key -> (owner, [(shape, dtype)]); small, not counted in TRAFFIC
-    for part in _all_gather_objects({key: (rank(), [(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                                                    for t in tensors]) for key, tensors in local.items()}):
+        return {key: (meta, [t.to(device) for t in tensors]) for key, (meta, tensors) in local.items()}
+    specs: dict = {}  # key -> (owner, meta, [(shape, dtype)])
+    for part in _all_gather_objects({key: (rank(), meta, [(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                                                          for t in tensors])
+                                     for key, (meta, tensors) in local.items()}):
         specs.update(part)
     merged = {}
     for key in sorted(specs):
-        owner, shapes = specs[key]
+        owner, meta, shapes = specs[key]
         if owner == rank():
-            tensors = [t.to(device) for t in local[key]]
+            tensors = [t.to(device) for t in local[key][1]]
         else:
             tensors = [torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in shapes]
         broadcast_tensors_(tensors, src=owner)
-        merged[key] = tensors
+        merged[key] = (meta, tensors)
     return merged
 
 

@@ -380,16 +380,16 @@ def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, o
                  for layer in layers}
         local[item.index] = finish(grads, item.index)
     names = [layer.name for layer in layers]
-    kinds = distributed.gather_by_key({index: [isinstance(result[n], LowRank) for n in names]
-                                       for index, result in local.items()})
-    if not kinds:
-        raise ValueError("query_batches is empty: no query to score")
-    flat = {index: [t for n in names for t in _tensors(result[n])] for index, result in local.items()}
+    flat = {index: ([isinstance(result[n], LowRank) for n in names], [t for n in names for t in _tensors(result[n])])
+            for index, result in local.items()}
     merged = distributed.gather_tensors_by_key(flat, device_of(model))
+    if not merged:
+        raise ValueError("query_batches is empty: no query to score")
     parts = []
     for index in sorted(merged):
-        tensors, result = iter(merged[index]), {}
-        for name, low_rank in zip(names, kinds[index]):
+        kinds, tensors = merged[index]
+        tensors, result = iter(tensors), {}
+        for name, low_rank in zip(names, kinds):
             result[name] = LowRank(next(tensors), next(tensors)) if low_rank else next(tensors)
         parts.append(result)
     return {name: _concat([part[name] for part in parts]) for name in names}
