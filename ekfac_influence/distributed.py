@@ -8,6 +8,7 @@ Single-process runs take the same code path with world = 1.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,18 @@ def init() -> None:
         from accelerate import PartialState
 
         PartialState()
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can release tensors after Python is gone,
+    and the process dies of SIGABRT ("terminate called without an active exception"); seen once in
+    the 2-process tests, and described in pytorch/pytorch#179291.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> int:
