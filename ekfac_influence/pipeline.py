@@ -296,9 +296,9 @@ def _work(x: Tensor) -> Tensor:
 def _zeros_if_none(sums: dict, name: str, shape, model, blocks: int = 1) -> Tensor | BlockDiagonal:
     if sums[name] is None:  # this process got no batch (fewer batches than processes)
         # on the model's device, like the other processes' sums, so that every rank reduces the same group
-        no_rows = torch.zeros(0, shape[1], dtype=torch.float64, device=device_of(model))
-        sums[name] = torch.zeros(shape, dtype=torch.float64, device=no_rows.device) if blocks == 1 else \
-            blocked_covariance(no_rows, blocks)
+        device = device_of(model)
+        sums[name] = torch.zeros(shape, dtype=torch.float64, device=device) if blocks == 1 else \
+            blocked_covariance(torch.zeros(0, shape[1], dtype=torch.float64, device=device), blocks)
     return sums[name]
 
 

@@ -40,6 +40,16 @@ def test_two_processes_give_the_factors_and_scores_of_one_with_an_uneven_last_ba
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
+def run_alone_and_on_two_processes(worker: Path, one: Path, two: Path) -> None:
+    """The worker script alone, then under torchrun with 2 processes (gloo), each given its output path."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for out, command in ((one, [sys.executable, str(worker)]),
+                         (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", free_port(), str(worker)])):
+        launched = subprocess.run(command + [str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_answer_queries_as_one_does(tmp_path):
     """Scan shards, the shared memory-mapped scores, merged top-k lists and the rescoring stage."""
@@ -47,13 +57,7 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
 
     import numpy as np
 
-    worker = WORKER.parent / "distributed_query.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for name, command in (("one", [sys.executable, str(worker)]),
-                          ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", free_port(), str(worker)])):
-        launched = subprocess.run(command + [str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=600)
-        assert launched.returncode == 0, launched.stderr[-3000:]
+    run_alone_and_on_two_processes(WORKER.parent / "distributed_query.py", tmp_path / "one", tmp_path / "two")
     shape = json.loads((tmp_path / "one" / "manifest.json").read_text())["scores"]["shape"]
     one, two = (np.fromfile(tmp_path / name / "scores.f32", dtype=np.float32).reshape(shape) for name in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-7)
@@ -74,14 +78,8 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
 @pytest.mark.slow
 def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scores_of_one_process(tmp_path):
     """FSDP2 keeps half of every weight on each process; the hooks still see full activations."""
-    worker = WORKER.parent / "distributed_fsdp.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for name, command in (("one", [sys.executable, str(worker)]),
-                          ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                   "--master_port", free_port(), str(worker)])):
-        launched = subprocess.run(command + [str(tmp_path / f"{name}.safetensors")], env=env, capture_output=True,
-                                  text=True, timeout=600)
-        assert launched.returncode == 0, launched.stderr[-3000:]
+    run_alone_and_on_two_processes(WORKER.parent / "distributed_fsdp.py", tmp_path / "one.safetensors",
+                                   tmp_path / "two.safetensors")
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert int(one["sharded"]) == 0 and int(two["sharded"]) == 1
     assert torch.equal(one["fingerprint"], two["fingerprint"])  # the same model, whether sharded or not
