@@ -1,6 +1,6 @@
 """ekfac_influence: which training sequences made this language model produce this completion?
 
-Influence functions with EK-FAC curvature (Grosse et al., 2023). See DESIGN §3 for the API:
+Influence functions with EK-FAC curvature (Grosse et al., 2023). docs/design.md §3 describes the API:
 
     factors = fit_factors(model, train_batches, objective, FactorConfig(strategy="ekfac"))
     result = compute_scores(model, factors, query_batches, train_batches, objective, ScoreConfig())
@@ -13,25 +13,26 @@ and for Hugging Face causal LMs over a packed corpus:
     results = query_influence(model, tokenizer, factors, corpus, [("prompt", " completion")], QueryConfig())
 """
 
-__version__ = "0.1.0"
-
 from .config import ConfigError, FactorConfig, QueryConfig, RunConfig, ScoreConfig, load_run_config
 from .data import DataError, PackedCorpus, Query, load_corpus, pack, pack_to_disk, read_queries
-from .factors import Factors, LayerFactors
+from .evaluate import RecallAtK, recall_at_k, shortlist_recall
+from .factors import FactorMismatchError, Factors, LayerFactors
+from .fit import fit_factors
+from .influence import compute_scores
 from .model import LayerSelectionError, ModelLoadError, TrackedLayer, fingerprint, load_causal_lm, select_layers
 from .objectives import CausalLMObjective, ClassificationObjective, LabelSampler, Objective
 from .passes import NonFiniteError
-from .pipeline import FactorMismatchError, compute_scores, fit_factors
 from .query import QueryResults, query_influence
 from .scores import ScoreResult, TopK, top_k
-from .shortlist import ShortlistError, ShortlistIndex, recall_at_k, shortlist_recall
+from .shortlist import ShortlistError, ShortlistIndex
 from .storage import StorageError
+from .version import __version__
 
 __all__ = [
     "CausalLMObjective", "ClassificationObjective", "ConfigError", "DataError", "FactorConfig", "FactorMismatchError",
     "Factors", "LabelSampler", "LayerFactors", "LayerSelectionError", "ModelLoadError", "NonFiniteError", "Objective",
-    "PackedCorpus", "Query", "QueryConfig", "QueryResults", "RunConfig", "ScoreConfig", "ScoreResult", "ShortlistError",
+    "PackedCorpus", "Query", "QueryConfig", "QueryResults", "RecallAtK", "RunConfig", "ScoreConfig", "ScoreResult", "ShortlistError",
     "ShortlistIndex", "StorageError", "TopK", "TrackedLayer", "compute_scores", "fingerprint", "fit_factors",
     "load_causal_lm", "load_corpus", "load_run_config", "pack", "pack_to_disk", "query_influence", "read_queries",
-    "recall_at_k", "select_layers", "shortlist_recall", "top_k",
+    "recall_at_k", "select_layers", "shortlist_recall", "top_k", "__version__",
 ]

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 
-from . import __version__
+from .version import __version__
 
 STAGES = {
     "fit": ("pack the corpus and fit EK-FAC factors", ("run", "model", "corpus", "fit", "factors")),
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load_run_config
     from .data import DataError, Query
     from .model import LayerSelectionError, ModelLoadError
-    from .pipeline import FactorMismatchError
+    from .factors import FactorMismatchError
     from .storage import StorageError
 
     user_errors = (ConfigError, DataError, ModelLoadError, LayerSelectionError, FactorMismatchError, StorageError,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from . import run as stages
 from .config import RunConfig, load_run_config
 from .storage import StorageError, atomic_write_text
 
@@ -162,8 +163,6 @@ def train(model, corpus, config: DemoConfig) -> float:
 def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite: bool = False,
              show_progress: bool = True) -> dict:
     """Train the demo LM, then fit, index, query and export like any run. Returns the summary."""
-    from . import run as stages
-
     config = _with_demo_paths(config or demo_run_config(quick=quick))
     sizes = DemoConfig.quick() if quick else DemoConfig()
     out = Path(config.run)

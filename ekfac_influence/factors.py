@@ -11,7 +11,8 @@ For a tracked layer with inputs ā_t and output gradients g_t of the sampled-lab
     diagonal: Λ = E_sequences[DW_n²]
     damping:  λ = damping_factor × mean(Λ), or a fixed value
 
-This module holds the math and the containers; the passes over data live in `pipeline`.
+This module holds the math, the containers and their files (safetensors + a JSON manifest, written
+atomically by `storage`); the passes over data that fit them live in `fit`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .config import FactorConfig
+from .config import FactorConfig, from_dict, to_dict
+from .model import TrackedLayer, fingerprint, select_layers
+from .storage import StorageError, read_stage, write_stage
+from .version import __version__
 
 
 def covariance(x_NX: Tensor) -> Tensor:
@@ -210,18 +214,100 @@ class Factors:
         raise KeyError(f"no factors for layer {name!r}; fitted layers: {', '.join(self.layer_names)}")
 
     def save(self, path, *, overwrite: bool = False) -> None:
-        from .storage import save_factors
-
-        save_factors(self, path, overwrite=overwrite)
+        """factors.safetensors (block-diagonal factors as their blocks) + manifest.json, atomically."""
+        tensors = {f"{layer.name}/{key}": value for layer in self.layers for key, value in layer.tensors().items()}
+        tensors = flatten_blocks(tensors)
+        if self.ggn_PP is not None:
+            tensors["ggn_PP"] = self.ggn_PP
+        manifest = {
+            "kind": "ekfac_influence.factors",
+            "version": __version__,
+            "torch": torch.__version__,
+            "strategy": self.strategy,
+            "fingerprint": self.fingerprint,
+            "num_sequences": self.num_sequences,
+            "num_tokens": self.num_tokens,
+            "lissa_scale": self.lissa_scale,
+            "config": to_dict(self.config),
+            "layers": [{"name": l.name, "out_dim": l.out_dim, "in_dim": l.in_dim, "damping": l.damping} for l in self.layers],
+            "meta": self.meta,
+        }
+        write_stage(path, tensors, manifest, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, *, model=None) -> "Factors":
+    def load(cls, path, *, model: nn.Module | None = None) -> "Factors":
         """Load factors; with `model`, refuse factors fitted for another model or other layers."""
-        from .storage import load_factors
-
-        factors = load_factors(path)
+        tensors, manifest = read_stage(path)
+        if manifest.get("kind") != "ekfac_influence.factors":
+            raise StorageError(f"{path} does not hold ekfac_influence factors")
+        for key, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "
+                                   f"(ekfac-influence fit --overwrite)")
+        tensors = unflatten_blocks(tensors)
+        layers = []
+        for entry in manifest["layers"]:
+            fields = {key: tensors[f"{entry['name']}/{key}"] for key in LayerFactors.TENSORS
+                      if f"{entry['name']}/{key}" in tensors}
+            layers.append(LayerFactors(entry["name"], entry["out_dim"], entry["in_dim"], entry["damping"], **fields))
+        factors = cls(
+            strategy=manifest["strategy"],
+            layers=layers,
+            fingerprint=manifest["fingerprint"],
+            config=from_dict(FactorConfig, manifest["config"]),
+            num_sequences=manifest["num_sequences"],
+            num_tokens=manifest["num_tokens"],
+            ggn_PP=tensors.get("ggn_PP"),
+            lissa_scale=manifest.get("lissa_scale"),
+            meta=manifest.get("meta", {}),
+        )
         if model is not None:
-            from .pipeline import check_factors_match
-
             check_factors_match(factors, model)
         return factors
+
+
+class FactorMismatchError(ValueError):
+    """Factors were fitted for another model or another set of layers."""
+
+
+def check_factors_match(factors: Factors, model: nn.Module) -> list[TrackedLayer]:
+    """The model's tracked layers for these factors; refuses factors of another model or layers."""
+    by_name = {layer.name: layer for layer in select_layers(model, (".*",))}
+    missing = [name for name in factors.layer_names if name not in by_name]
+    if missing:
+        raise FactorMismatchError(f"factors were fitted for layers this model does not have: {', '.join(missing)}")
+    layers = [by_name[name] for name in factors.layer_names]
+    for layer, fitted in zip(layers, factors.layers):
+        if (layer.out_features, layer.in_dim) != (fitted.out_dim, fitted.in_dim):
+            raise FactorMismatchError(f"layer {layer.name} is {layer.out_features} × {layer.in_dim} here but "
+                                      f"{fitted.out_dim} × {fitted.in_dim} in the factors")
+    found = fingerprint(model, layers)
+    if found != factors.fingerprint:
+        raise FactorMismatchError(f"factors were fitted for another model (fingerprint {factors.fingerprint}, this "
+                                  f"model's is {found}); fit factors for this model")
+    return layers
+
+
+def flatten_blocks(tensors: dict) -> dict[str, Tensor]:
+    """Plain tensors for safetensors: a BlockDiagonal `key` becomes `key#0`, `key#1`, ..."""
+    out = {}
+    for key, value in tensors.items():
+        if isinstance(value, BlockDiagonal):
+            out.update({f"{key}#{i}": block for i, block in enumerate(value.blocks)})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_blocks(tensors: dict[str, Tensor]) -> dict:
+    """The inverse of `flatten_blocks`."""
+    out, blocks = {}, {}
+    for key, value in tensors.items():
+        name, sep, index = key.rpartition("#")
+        if sep and index.isdigit():
+            blocks.setdefault(name, {})[int(index)] = value
+        else:
+            out[key] = value
+    for name, found in blocks.items():
+        out[name] = BlockDiagonal([found[i] for i in range(len(found))])
+    return out

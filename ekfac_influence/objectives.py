@@ -1,6 +1,6 @@
 """What a model family must tell the engine: its training loss, its measurement, its token mask.
 
-Conventions (DESIGN §1):
+Conventions (docs/design.md §1):
 - train_loss L(z) = −Σ_t log p(z_t | z_<t), SUMMED over sequences and real tokens (not a mean).
 - measurement f = Σ_{t ∈ completion} log p(c_t | p, c_<t), summed over the queries of a batch.
 - Sampled labels (true Fisher = Gauss-Newton for softmax cross-entropy) come from uniforms keyed
@@ -47,7 +47,7 @@ class LabelSampler:
         valid_BT = valid_BT.bool().cpu()
         u_BT = torch.zeros(valid_BT.shape, dtype=torch.float64)
         for b in range(valid_BT.shape[0]):
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.first_index + b))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.first_index + b))
             count = int(valid_BT[b].sum())
             u_BT[b, valid_BT[b]] = torch.rand(count, generator=generator, dtype=torch.float64)
         return u_BT
@@ -64,7 +64,7 @@ class LabelSampler:
         return torch.where(valid_BT.bool(), labels_BT, torch.full_like(labels_BT, IGNORE_INDEX))
 
 
-def _mix(seed: int, index: int) -> int:
+def mix_seed(seed: int, index: int) -> int:
     # splitmix64-style mixing so neighbouring (seed, index) pairs give unrelated streams
     x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
@@ -72,12 +72,13 @@ def _mix(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def _at_least_float32(x: Tensor) -> Tensor:
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32, or float64 when it is already: the working precision of every sum."""
     return x if x.dtype == torch.float64 else x.float()
 
 
 def _summed_cross_entropy(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
-    return F.cross_entropy(_at_least_float32(logits_BTV.reshape(-1, logits_BTV.shape[-1])), labels_BT.reshape(-1),
+    return F.cross_entropy(at_least_float32(logits_BTV.reshape(-1, logits_BTV.shape[-1])), labels_BT.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -104,8 +105,10 @@ class CausalLMObjective:
         if labels is None:
             labels = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, IGNORE_INDEX)
         labels = labels[:, 1:]
-        if mask is not None:  # a pad position predicts nothing (with left padding it precedes the first token)
-            labels = labels.masked_fill(mask[:, :-1] == 0, IGNORE_INDEX)
+        if mask is not None:
+            # a pad position predicts nothing (with left padding it precedes the first token), and no
+            # position predicts a pad, whatever labels the caller gave there
+            labels = labels.masked_fill((mask[:, :-1] == 0) | (mask[:, 1:] == 0), IGNORE_INDEX)
         return logits[:, :-1], labels
 
     def train_loss(self, model, batch, *, sample_labels: bool, generator: LabelSampler | None = None) -> Tensor:
@@ -137,11 +140,11 @@ class ClassificationObjective:
         if sample_labels:
             valid = torch.ones(y.shape[0], 1, dtype=torch.bool, device=y.device)
             y = _sampler(generator).sample(logits_BC[:, None, :], valid)[:, 0]
-        return F.cross_entropy(_at_least_float32(logits_BC), y, reduction="sum")
+        return F.cross_entropy(at_least_float32(logits_BC), y, reduction="sum")
 
     def measurement(self, model, batch) -> Tensor:
         x, y = batch
-        return -F.cross_entropy(_at_least_float32(model(x)), y, reduction="sum")
+        return -F.cross_entropy(at_least_float32(model(x)), y, reduction="sum")
 
     def token_mask(self, batch) -> Tensor | None:
         return None

@@ -6,7 +6,7 @@ Shapes: Q queries, O out-features, I in-features (+1 bias), K rank, P tracked pa
     diagonal:   P(V) = V ⊘ (Λ + λ)
     identity:   P(V) = V
     exact:      vec P(V) = (G + diag(λ))⁻¹ vec V, G dense over all tracked layers (layers coupled)
-LiSSA needs passes over data and lives in `evaluate`.
+LiSSA needs passes over data and lives in `reference`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The stages of a run directory (DESIGN §4): fit, index, query, export. The CLI calls these.
+"""The stages of a run directory (docs/design.md §4): fit, index, query, export. The CLI calls these.
 
     runs/<name>/
       manifest.json        model fingerprint, tokenizer, tracked layers, package versions, stages done
@@ -14,20 +14,25 @@ without `overwrite`. Under `accelerate launch` every process runs the stage; the
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__, distributed
+from . import distributed
 from .config import RunConfig, save_run_config, to_dict
 from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
 from .data import tokenizer_id as tokenizer_hash
 from .factors import Factors
+from .fit import check_exact_size, fit_factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
-from .pipeline import check_exact_size, fit_factors
+from .query import query_influence
+from .report import export_report
+from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .version import __version__
 
 CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
 
@@ -97,8 +102,6 @@ def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
 
 def check_writable(path) -> None:
     """Fail now, not after hours of work, when the run directory cannot be written (creates nothing)."""
-    import tempfile
-
     existing = Path(path).absolute()
     while not existing.exists():
         existing = existing.parent
@@ -171,8 +174,6 @@ def _differences(existing: Factors, model, layers, config: RunConfig, corpus: Pa
 
 def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
     """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
-    from .shortlist import ShortlistError, ShortlistIndex
-
     check_writable(config.run)
     tokenizer = load_tokenizer(config.model.path)
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
@@ -202,8 +203,6 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
 
 def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True):
     """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/."""
-    from .query import query_influence
-
     run = Path(config.run)
     check_writable(run)
     require(run / FACTORS, "fit the factors", "fit")
@@ -216,8 +215,6 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
         raise StorageError(f"{out} already holds results; pass --overwrite or choose another --queries.name")
     index_ = None
     if config.query.candidates == "shortlist":
-        from .shortlist import ShortlistIndex
-
         require(run / INDEX, "build the shortlist index", "index")
     model, tokenizer = load_model(config)
     require(run / CORPUS, "pack the corpus", "fit")
@@ -237,8 +234,6 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
 
 def export(config: RunConfig, *, overwrite: bool = False) -> dict:
     """Write the review report (JSONL, CSV, self-contained HTML) of a query set."""
-    from .report import export_report
-
     source = Path(config.run) / QUERIES / config.queries.name
     require(source, "answer queries", "query")
     check_writable(source)

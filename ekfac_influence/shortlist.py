@@ -1,7 +1,7 @@
 """TF-IDF shortlist: which training sequences share the most (rare) tokens with a query?
 
 A document is one training sequence (its token ids); a query is prompt + completion. The top K
-sequences by lexical score become the candidates that influence scoring looks at (DESIGN §1). Two
+sequences by lexical score become the candidates that influence scoring looks at (docs/design.md §1). Two
 weightings; C sequences in the index, n_t of them contain token t, c(t, D) counts t in D:
 
     bm25 (default: the paper's modified BM25, e(t, D) = 1 if t occurs in D else 0)
@@ -39,13 +39,12 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-__all__ = ["RecallAtK", "ShortlistError", "ShortlistIndex", "bm25_idf", "recall_at_k", "shortlist_recall", "tfidf_idf"]
+__all__ = ["ShortlistError", "ShortlistIndex", "bm25_idf", "tfidf_idf"]
 
 FORMAT, FORMAT_VERSION, MANIFEST_FILE = "ekfac_influence.shortlist", 1, "manifest.json"
 WEIGHTINGS = ("bm25", "tfidf")
@@ -57,11 +56,6 @@ MAX_TOKEN_ID = 2**31 - 1  # indices are int32
 
 class ShortlistError(ValueError):
     """A shortlist index, corpus or query that cannot be used as asked; the message says how to fix it."""
-
-
-class RecallAtK(NamedTuple):
-    per_query: np.ndarray  # [Q] float64, each the share of that query's exhaustive top-k in its shortlist
-    mean: float
 
 
 def bm25_idf(doc_freq_V: np.ndarray, num_sequences: int) -> np.ndarray:
@@ -483,31 +477,3 @@ def _check_structure(path: Path, arrays: dict, num_sequences: int, vocab: int, n
 
 
 # ----------------------------------------------------------------------------- recall audit
-
-
-def shortlist_recall(shortlist_ids: Sequence[int], exhaustive_ids: Sequence[int], k: int) -> float:
-    """Share of the exhaustive top-k found in the shortlist: |top_k(exhaustive) ∩ shortlist| / |top_k|.
-
-    `exhaustive_ids` are sequence ids ranked best first by scoring every sequence (its first k, or
-    all of them when fewer, are the reference set); `shortlist_ids` are the candidates, in any order.
-    """
-    if not _is_positive_int(k):
-        raise ShortlistError(f"k must be a positive integer, got {k!r}")
-    top = np.asarray(exhaustive_ids).reshape(-1)[:k]
-    if top.size == 0:
-        raise ShortlistError("the exhaustive ranking is empty: there is no top-k to recall")
-    if np.unique(top).size != top.size:
-        raise ShortlistError("the exhaustive top-k repeats a sequence id; pass each query's ranking of distinct ids")
-    return float(np.isin(top, np.asarray(shortlist_ids).reshape(-1)).mean())
-
-
-def recall_at_k(shortlist_ids_per_query: Sequence[Sequence[int]], exhaustive_ids_per_query: Sequence[Sequence[int]],
-                k: int) -> RecallAtK:
-    """`shortlist_recall` for each query (rows of [Q, *] arrays or lists) and its mean over queries."""
-    if len(shortlist_ids_per_query) != len(exhaustive_ids_per_query):
-        raise ShortlistError(f"{len(shortlist_ids_per_query)} shortlists but {len(exhaustive_ids_per_query)} "
-                             f"exhaustive rankings: pass one of each per query")
-    if len(shortlist_ids_per_query) == 0:
-        raise ShortlistError("no queries: recall needs at least one shortlist and its exhaustive ranking")
-    per_query = np.array([shortlist_recall(s, e, k) for s, e in zip(shortlist_ids_per_query, exhaustive_ids_per_query)])
-    return RecallAtK(per_query, float(per_query.mean()))

@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .config import FactorConfig, from_dict, to_dict
-from .factors import BlockDiagonal, Factors, LayerFactors
+from . import distributed
 
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -117,81 +115,6 @@ def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(tensor_path)), manifest
 
 
-def flatten_blocks(tensors: dict) -> dict[str, torch.Tensor]:
-    """Plain tensors for safetensors: a BlockDiagonal `key` becomes `key#0`, `key#1`, ..."""
-    out = {}
-    for key, value in tensors.items():
-        if isinstance(value, BlockDiagonal):
-            out.update({f"{key}#{i}": block for i, block in enumerate(value.blocks)})
-        else:
-            out[key] = value
-    return out
-
-
-def unflatten_blocks(tensors: dict[str, torch.Tensor]) -> dict:
-    """The inverse of `flatten_blocks`."""
-    out, blocks = {}, {}
-    for key, value in tensors.items():
-        name, sep, index = key.rpartition("#")
-        if sep and index.isdigit():
-            blocks.setdefault(name, {})[int(index)] = value
-        else:
-            out[key] = value
-    for name, found in blocks.items():
-        out[name] = BlockDiagonal([found[i] for i in range(len(found))])
-    return out
-
-
-def save_factors(factors: Factors, path, *, overwrite: bool = False) -> None:
-    tensors = {}
-    for layer in factors.layers:
-        for key, value in layer.tensors().items():
-            tensors[f"{layer.name}/{key}"] = value
-    tensors = flatten_blocks(tensors)
-    if factors.ggn_PP is not None:
-        tensors["ggn_PP"] = factors.ggn_PP
-    manifest = {
-        "kind": "ekfac_influence.factors",
-        "version": __version__,
-        "torch": torch.__version__,
-        "strategy": factors.strategy,
-        "fingerprint": factors.fingerprint,
-        "num_sequences": factors.num_sequences,
-        "num_tokens": factors.num_tokens,
-        "lissa_scale": factors.lissa_scale,
-        "config": to_dict(factors.config),
-        "layers": [{"name": l.name, "out_dim": l.out_dim, "in_dim": l.in_dim, "damping": l.damping} for l in factors.layers],
-        "meta": factors.meta,
-    }
-    write_stage(path, tensors, manifest, overwrite=overwrite)
-
-
-def load_factors(path) -> Factors:
-    tensors, manifest = read_stage(path)
-    if manifest.get("kind") != "ekfac_influence.factors":
-        raise StorageError(f"{path} does not hold ekfac_influence factors")
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "
-                               f"(ekfac-influence fit --overwrite)")
-    tensors = unflatten_blocks(tensors)
-    layers = []
-    for entry in manifest["layers"]:
-        fields = {key: tensors[f"{entry['name']}/{key}"] for key in LayerFactors.TENSORS if f"{entry['name']}/{key}" in tensors}
-        layers.append(LayerFactors(entry["name"], entry["out_dim"], entry["in_dim"], entry["damping"], **fields))
-    return Factors(
-        strategy=manifest["strategy"],
-        layers=layers,
-        fingerprint=manifest["fingerprint"],
-        config=from_dict(FactorConfig, manifest["config"]),
-        num_sequences=manifest["num_sequences"],
-        num_tokens=manifest["num_tokens"],
-        ggn_PP=tensors.get("ggn_PP"),
-        lissa_scale=manifest.get("lissa_scale"),
-        meta=manifest.get("meta", {}),
-    )
-
-
 class PassCheckpoint:
     """Partial sums of the passes over the training data, so an interrupted fit resumes where it was.
 
@@ -202,8 +125,6 @@ class PassCheckpoint:
     """
 
     def __init__(self, directory, key: dict, *, every_batches: int | None = None, every_seconds: float = 300.0):
-        from . import distributed
-
         self.directory = Path(directory)
         self.key = json.loads(json.dumps(dict(key, world=distributed.world()), sort_keys=True, default=str))
         self.rank = distributed.rank()
@@ -219,7 +140,7 @@ class PassCheckpoint:
         tensor_path = self.directory / str(meta.get("file"))
         if meta.get("key") != self.key or not tensor_path.is_file() or meta.get("sha256") != sha256_file(tensor_path):
             return None
-        return unflatten_blocks(load_file(str(tensor_path))), meta
+        return load_file(str(tensor_path)), meta
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Write the tensors to a new file, then point the JSON at it (one atomic rename commits both).
@@ -232,7 +153,7 @@ class PassCheckpoint:
         stem = self._stem(name)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = stem.with_suffix(stem.suffix + ".safetensors.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in flatten_blocks(tensors).items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         digest = sha256_file(tmp)
         tensor_path = stem.with_suffix(f"{stem.suffix}.{digest[:16]}.safetensors")
         os.replace(tmp, tensor_path)

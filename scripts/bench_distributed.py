@@ -87,7 +87,7 @@ def tiny_llama(hidden: int, intermediate: int, layers: int, heads: int, seed: in
 
 
 def record_reduce_calls(distributed, log: list[int]) -> None:
-    """Log the bytes of every `sum_reduce_` call (pipeline looks the function up on the module)."""
+    """Log the bytes of every `sum_reduce_` call (the stages look the function up on the module)."""
     original = distributed.sum_reduce_
 
     def logged(tensors):

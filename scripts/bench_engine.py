@@ -46,8 +46,9 @@ import ekfac_influence as ei
 from ekfac_influence.factors import eigendecompose
 from ekfac_influence.model import select_layers
 from ekfac_influence.passes import capture_pass, evaluation_mode
-from ekfac_influence.pipeline import (check_factors_match, collect_covariances, correct_eigenvalues, query_gradients,
-                                      score_training_set)
+from ekfac_influence.factors import check_factors_match
+from ekfac_influence.fit import collect_covariances, correct_eigenvalues
+from ekfac_influence.influence import query_gradients, score_training_set
 from ekfac_influence.precondition import compress, precondition
 
 IGNORE_INDEX = -100
@@ -79,7 +80,7 @@ def query_batches(ids: list[int], start: int, num_queries: int, prompt: int, com
                   batch_size: int) -> list[dict]:
     """Held-out prompt/completion pairs: consecutive windows of the text after the training tokens.
 
-    Labels are −100 on the prompt: the measurement is f = log p(completion | prompt) (DESIGN §1).
+    Labels are −100 on the prompt: the measurement is f = log p(completion | prompt) (docs/design.md §1).
     """
     width = prompt + completion
     if start + num_queries * width > len(ids):

@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent s")
     parser.add_argument("--chunk-size", type=int, default=None, help="sequences per build chunk (default: the library's)")
     parser.add_argument("--weighting", choices=["bm25", "tfidf"], default="bm25")
-    parser.add_argument("--k", type=int, default=10_000, help="top-k per query (DESIGN: 10,000 candidates)")
+    parser.add_argument("--k", type=int, default=10_000, help="top-k per query (docs/design.md: 10,000 candidates)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per query measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="directory for the index (default: a temporary one)")

@@ -2,7 +2,7 @@
 masking, and label sampling that depends neither on batch size nor on padding.
 
 Shapes: B sequences, T positions, I in-features (+1 bias column), O out-features, V vocabulary.
-Reference for every gradient test (DESIGN §1): for a tracked layer s_t = W a_t + b,
+Reference for every gradient test (docs/design.md §1): for a tracked layer s_t = W a_t + b,
 
     DW_n = Σ_t g_{n,t} ā_{n,t}ᵀ  (O × I, ā = (a, 1) with a bias)  ==  ∂L(z_n)/∂(W | b)
 

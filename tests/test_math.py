@@ -8,7 +8,7 @@ from conftest import char_sequences, lm_batches, query_batches
 from torch.testing import assert_close
 
 import ekfac_influence as ei
-from ekfac_influence.evaluate import exact_ggn
+from ekfac_influence.reference import exact_ggn
 from ekfac_influence.factors import rotated_sequence_gradients, sequence_gradients
 from ekfac_influence.hooks import Capture
 from ekfac_influence.objectives import batch_size
@@ -189,7 +189,7 @@ def test_exact_gauss_newton_of_a_transformer_equals_the_mean_of_sampled_fishers_
 
 
 def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factors(trained_llama):
-    from ekfac_influence.pipeline import factor_bytes, layer_groups
+    from ekfac_influence.fit import factor_bytes, layer_groups
 
     train = lm_batches(char_sequences(16, 24), 4)
     objective = ei.CausalLMObjective()
@@ -209,7 +209,7 @@ def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factor
 def test_block_diagonal_factors_multiply_like_their_dense_matrix_and_are_stored_as_blocks(tmp_path):
     """Q @ x, x @ Q, Q.T, the rotations and preconditioning: equal to the dense block-diagonal matrix."""
     from ekfac_influence.factors import BlockDiagonal, blocked_covariance, eigendecompose
-    from ekfac_influence.storage import flatten_blocks, unflatten_blocks
+    from ekfac_influence.factors import flatten_blocks, unflatten_blocks
 
     torch.manual_seed(0)
     x_NX = torch.randn(40, 7, dtype=torch.float64)

@@ -122,12 +122,16 @@ def test_factors_and_scores_do_not_depend_on_batch_size(trained_llama):
         assert_close(result.scores, results[0][1].scores)
 
 
-@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_factors_and_scores_do_not_depend_on_padding(trained_llama, left):
+@pytest.mark.parametrize("left, labelled_pads", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["right-padded", "left-padded", "right-padded, pads labelled", "left-padded, pads labelled"])
+def test_factors_and_scores_do_not_depend_on_padding(trained_llama, left, labelled_pads):
+    """Padding changes nothing, also when the caller's labels are the pad ids rather than −100 there."""
     tokens = char_sequences(8, 16)
     objective = ei.CausalLMObjective()
     queries = query_batches(QUERIES)
     plain, padded = lm_batches(tokens, 4), lm_batches(tokens, 4, pad_to=21, left=left)
+    if labelled_pads:
+        padded = [dict(batch, labels=batch["input_ids"].clone()) for batch in padded]
     config = ei.ScoreConfig(per_token=True, compute_dtype="float64")
     outcomes = []
     for train in (plain, padded):

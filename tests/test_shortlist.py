@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ekfac_influence import shortlist
-from ekfac_influence.shortlist import RecallAtK, ShortlistError, ShortlistIndex, recall_at_k, shortlist_recall
+from ekfac_influence.evaluate import RecallAtK, recall_at_k, shortlist_recall
+from ekfac_influence.shortlist import ShortlistError, ShortlistIndex
 
 CORPUS = [[1, 2, 3, 3], [2, 4], [], [5, 1, 1, 1, 2], [1, 2, 3], [6], [4, 4, 2, 7]]
 

@@ -1,5 +1,5 @@
 """Storage of fitted factors: exact round trips, no silent overwrite, refusal of factors made for
-another model or other layers, detection of corruption, and no pickle anywhere (DESIGN §4).
+another model or other layers, detection of corruption, and no pickle anywhere (docs/design.md §4).
 
 On disk a factors directory is `factors.safetensors` (tensors `{layer}/{A_II, S_OO, QA_II, QS_OO,
 eigA_I, eigS_O, lambda_OI}`, a block-diagonal factor as its blocks `{layer}/QA_II#0`, `#1`, ..., and
@@ -269,7 +269,7 @@ def test_a_fit_with_block_diagonal_factors_resumes_from_its_saved_blocks(tmp_pat
     from conftest import char_sequences, lm_batches, make_llama
 
     import ekfac_influence as ei
-    from ekfac_influence import pipeline
+    from ekfac_influence import fit as fitting
     from ekfac_influence.factors import BlockDiagonal
     from ekfac_influence.storage import PassCheckpoint
 
@@ -278,15 +278,15 @@ def test_a_fit_with_block_diagonal_factors_resumes_from_its_saved_blocks(tmp_pat
     objective, config = ei.CausalLMObjective(), ei.FactorConfig(factor_dtype="float64", blocks=2)
     reference = ei.fit_factors(model, train, objective, config, show_progress=False)
     checkpoint = PassCheckpoint(tmp_path, {"run": 1}, every_batches=1)
-    correct = pipeline.correct_eigenvalues
+    correct = fitting.correct_eigenvalues
 
     def interrupted(model, layers, fitted, batches, *args, **kwargs):  # dies on the second batch
         return correct(model, layers, fitted, [batches[0], None], *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "correct_eigenvalues", interrupted)
+    monkeypatch.setattr(fitting, "correct_eigenvalues", interrupted)
     with pytest.raises(Exception):
         ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)
-    monkeypatch.setattr(pipeline, "correct_eigenvalues", correct)
+    monkeypatch.setattr(fitting, "correct_eigenvalues", correct)
     assert (tmp_path / "covariances.done.json").exists() and (tmp_path / "correction.rank0.json").exists()
     capsys.readouterr()
     resumed = ei.fit_factors(model, train, objective, config, show_progress=False, checkpoint=checkpoint)

@@ -20,15 +20,15 @@ QUERIES = [("the assert statement", " raises assertionerror"), ("def f(x):", " r
 
 def count_preconditioned_queries() -> list[int]:
     """Wrap the preconditioner so that it counts the queries this process preconditions."""
-    from ekfac_influence import pipeline
+    from ekfac_influence import influence
 
-    count, original = [0], pipeline.precondition
+    count, original = [0], influence.precondition
 
     def counting(grads, *args, **kwargs):
         count[0] += next(iter(grads.values())).shape[0]
         return original(grads, *args, **kwargs)
 
-    pipeline.precondition = counting
+    influence.precondition = counting
     return count
 
 

@@ -1,6 +1,10 @@
-"""The stages: `fit_factors` and `compute_scores`. Each calls named steps; the math lives elsewhere.
+"""The fitting stage: `fit_factors` passes over the training data and fits the curvature (docs/design.md §1).
 
-Shapes: Q queries, N training sequences, B batch, T positions, I in-features (+1 bias), O out-features.
+Each pass (covariances, eigenvalue correction, diagonal) keeps local sums per process and meets the
+other processes once, in one sum-reduce at its end; the math of each step lives in `factors`, the
+reference curvatures (exact Gauss-Newton, LiSSA's scale) in `reference`.
+
+Shapes: N training sequences, B batch, T positions, I in-features (+1 bias), O out-features.
 """
 
 from __future__ import annotations
@@ -11,30 +15,23 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .config import FactorConfig, ScoreConfig
+from .config import FactorConfig
 from .factors import (BlockDiagonal, Factors, LayerFactors, blocked_covariance, damping_for, eigendecompose,
-                      factor_blocks, parts, rotated_sequence_gradients, sequence_gradients)
+                      factor_blocks, flatten_blocks, parts, rotated_sequence_gradients, sequence_gradients,
+                      unflatten_blocks)
 from .model import TrackedLayer, fingerprint, select_layers
-from .objectives import Objective, batch_size
+from .objectives import Objective, at_least_float32, batch_size
 from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
-from .precondition import LowRank, compress, precondition
-from .scores import BatchScorer, ScoreResult
+from .reference import estimate_lissa_scale, exact_ggn
 from .storage import PassCheckpoint
 
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
 
 
-class FactorMismatchError(ValueError):
-    """Factors were fitted for another model or another set of layers."""
-
-
-# ----------------------------------------------------------------------------- fitting
-
-
 def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 config: FactorConfig = FactorConfig(), *, show_progress: bool = True,
                 checkpoint: PassCheckpoint | None = None) -> Factors:
-    """Fit the curvature of `config.strategy` on the training batches (DESIGN §1).
+    """Fit the curvature of `config.strategy` on the training batches (docs/design.md §1).
 
     checkpoint: where the covariance and eigenvalue-correction passes keep their partial sums, so
     that a fit killed midway resumes from its last save (with the same batches and processes).
@@ -52,8 +49,6 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
             fitted, num_sequences, num_tokens = collect_diagonal(model, layers, train_batches, objective, config, show_progress)
             extra = {}
             if config.strategy == "lissa":
-                from .evaluate import estimate_lissa_scale
-
                 damping = {f.name: f.damping for f in fitted}
                 extra["lissa_scale"] = config.lissa_scale or estimate_lissa_scale(
                     model, layers, train_batches, objective, damping, seed=config.seed)
@@ -163,7 +158,7 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
                         show_progress: bool = True, checkpoint: PassCheckpoint | None = None
                         ) -> tuple[list[LayerFactors], int, int]:
     """A = E_tokens[ā āᵀ], S = E_tokens[g gᵀ] with g from the sampled-label loss; one reduce per pass."""
-    done = checkpoint.load("covariances.done") if checkpoint else None
+    done = _load(checkpoint, "covariances.done")
     if done is not None:
         tensors, meta = done
         return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=tensors[f"A/{l.name}"], S_OO=tensors[f"S/{l.name}"])
@@ -187,7 +182,7 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
     fitted = [LayerFactors(l.name, l.out_features, l.in_dim, A_II=sums_A[l.name] / num_tokens,
                            S_OO=sums_S[l.name] / num_tokens) for l in layers]
     if checkpoint is not None:
-        checkpoint.save("covariances.done", {**{f"A/{f.name}": f.A_II for f in fitted}, **{f"S/{f.name}": f.S_OO for f in fitted}},
+        _save(checkpoint, "covariances.done", {**{f"A/{f.name}": f.A_II for f in fitted}, **{f"S/{f.name}": f.S_OO for f in fitted}},
                         {"num_sequences": num_sequences, "num_tokens": num_tokens})
     return fitted, num_sequences, num_tokens
 
@@ -201,11 +196,11 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
                              desc="eigenvalue correction", show_progress=show_progress, start=start):
         num_sequences += item.num_sequences
         for layer in layers:
-            f, g_BTO = by_name[layer.name], _work(item.grads[layer.name])
+            f, g_BTO = by_name[layer.name], at_least_float32(item.grads[layer.name])
             QS_OO, QA_II = f.QS_OO.to(g_BTO.device, g_BTO.dtype), f.QA_II.to(g_BTO.device, g_BTO.dtype)
             part_OI = _sum_over_sequences(
                 lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
-                g_BTO, _work(item.acts[layer.name]), layer)
+                g_BTO, at_least_float32(item.acts[layer.name]), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
         _save_partial(checkpoint, "correction", item.index + 1, {"lambda": sums}, num_sequences, 0)
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
@@ -217,7 +212,7 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
 def _resume(checkpoint: PassCheckpoint | None, name: str, layers: list[TrackedLayer], groups: tuple[str, ...], model):
     """(per group {layer: local sum or None}, sequences, tokens, next batch) of a saved partial pass."""
     sums = tuple({l.name: None for l in layers} for _ in groups)
-    state = checkpoint.load(name) if checkpoint is not None else None
+    state = _load(checkpoint, name)
     if state is None:
         return sums, 0, 0, 0
     tensors, meta = state
@@ -233,7 +228,17 @@ def _save_partial(checkpoint: PassCheckpoint | None, name: str, next_batch: int,
     if checkpoint is None or not checkpoint.due(next_batch):
         return
     tensors = {f"{group}/{layer}": value for group, sums in groups.items() for layer, value in sums.items() if value is not None}
-    checkpoint.save(name, tensors, {"next_batch": next_batch, "num_sequences": num_sequences, "num_tokens": num_tokens})
+    _save(checkpoint, name, tensors, {"next_batch": next_batch, "num_sequences": num_sequences, "num_tokens": num_tokens})
+
+
+def _load(checkpoint: PassCheckpoint | None, name: str) -> tuple[dict, dict] | None:
+    """(tensors, meta) saved under `name`, block-diagonal sums put back together; None if nothing was."""
+    state = checkpoint.load(name) if checkpoint is not None else None
+    return None if state is None else (unflatten_blocks(state[0]), state[1])
+
+
+def _save(checkpoint: PassCheckpoint, name: str, tensors: dict, meta: dict) -> None:
+    checkpoint.save(name, flatten_blocks(tensors), meta)
 
 
 def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig,
@@ -247,7 +252,7 @@ def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, conf
         num_tokens += item.num_tokens
         for layer in layers:
             part_OI = _sum_over_sequences(lambda g, a: sequence_gradients(g, a).square(),
-                                          _work(item.grads[layer.name]), _work(item.acts[layer.name]), layer)
+                                          at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
@@ -263,8 +268,6 @@ def check_exact_size(layers: list[TrackedLayer], config: FactorConfig) -> None:
 
 
 def _fit_exact(model, layers, batches, objective, config: FactorConfig, show_progress: bool):
-    from .evaluate import exact_ggn
-
     check_exact_size(layers, config)
     ggn_PP, num_sequences, num_tokens = exact_ggn(model, layers, batches, objective, show_progress=show_progress)
     fitted, offset = [], 0
@@ -289,10 +292,6 @@ def _fisher_loss(config: FactorConfig) -> str:
     return "sampled" if config.sample_labels else "real"
 
 
-def _work(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def _zeros_if_none(sums: dict, name: str, shape, model, blocks: int = 1) -> Tensor | BlockDiagonal:
     if sums[name] is None:  # this process got no batch (fewer batches than processes)
         # on the model's device, like the other processes' sums, so that every rank reduces the same group
@@ -310,149 +309,3 @@ def _reduce_counts(tensors: list[Tensor], num_sequences: int, num_tokens: int) -
     if num_sequences == 0:
         raise ValueError("train_batches is empty: no sequence to fit the curvature on")
     return num_sequences, num_tokens
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def check_factors_match(factors: Factors, model: nn.Module) -> list[TrackedLayer]:
-    """The model's tracked layers for these factors; refuses factors of another model or layers."""
-    by_name = {layer.name: layer for layer in select_layers(model, (".*",))}
-    missing = [name for name in factors.layer_names if name not in by_name]
-    if missing:
-        raise FactorMismatchError(f"factors were fitted for layers this model does not have: {', '.join(missing)}")
-    layers = [by_name[name] for name in factors.layer_names]
-    for layer, fitted in zip(layers, factors.layers):
-        if (layer.out_features, layer.in_dim) != (fitted.out_dim, fitted.in_dim):
-            raise FactorMismatchError(f"layer {layer.name} is {layer.out_features} × {layer.in_dim} here but "
-                                      f"{fitted.out_dim} × {fitted.in_dim} in the factors")
-    found = fingerprint(model, layers)
-    if found != factors.fingerprint:
-        raise FactorMismatchError(f"factors were fitted for another model (fingerprint {factors.fingerprint}, this "
-                                  f"model's is {found}); fit factors for this model")
-    return layers
-
-
-def query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective,
-                    *, show_progress: bool = True) -> dict[str, Tensor]:
-    """∇f_q per query and layer, {layer: V_QOI}; the processes split the batches, every process gets all."""
-    return _split_queries(model, layers, query_batches, objective, lambda grads, _: grads, show_progress=show_progress)
-
-
-def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: Factors, query_batches: Iterable,
-                                   objective: Objective, *, dtype: torch.dtype = torch.float32,
-                                   rank: int | None = None, combine: list[Tensor] | None = None,
-                                   show_progress: bool = True) -> dict[str, Tensor | LowRank]:
-    """{layer: P(∇f_q)} for every query, rank-k when `rank` is given.
-
-    The processes split the query batches: each computes and preconditions its share, a batch at a
-    time (so only rank-k factors pile up), and the results are gathered on every process, which
-    then scores its own shard of the training sequences against all of them.
-    combine: per batch, an [Q_b, R_b] matrix M turning the batch's row gradients into query gradients
-    ∇f_q = Σ_r M_qr ∇row_r (a contrast is +1 and −1).
-    """
-    def finish(grads: dict[str, Tensor], index: int) -> dict:
-        if combine is not None:
-            grads = {name: torch.einsum("qr,roi->qoi", combine[index].to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
-        return precondition(grads, factors, dtype, rank=rank)
-
-    if factors.strategy == "exact":  # one dense solve for all queries rather than one per batch
-        grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
-        if combine is not None:
-            grads = {name: torch.einsum("qr,roi->qoi", torch.block_diag(*combine).to(V), V) for name, V in grads.items()}
-        return precondition(grads, factors, dtype, rank=rank)
-    return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
-
-
-def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
-                   *, show_progress: bool) -> dict:
-    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order.
-
-    The results ({layer: dense tensor or LowRank}) travel as tensors (broadcast from their process),
-    never pickled: dense query gradients of a large model are gigabytes.
-    """
-    if distributed.lockstep():
-        require_reiterable(query_batches, "query_batches (with a sharded model)")
-    local = {}
-    for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
-                             show_progress=show_progress):
-        grads = {layer.name: sequence_gradients(_work(item.grads[layer.name]), _work(item.acts[layer.name]))
-                 for layer in layers}
-        local[item.index] = finish(grads, item.index)
-    names = [layer.name for layer in layers]
-    flat = {index: ([isinstance(result[n], LowRank) for n in names], [t for n in names for t in _tensors(result[n])])
-            for index, result in local.items()}
-    merged = distributed.gather_tensors_by_key(flat, device_of(model))
-    if not merged:
-        raise ValueError("query_batches is empty: no query to score")
-    parts = []
-    for index in sorted(merged):
-        kinds, tensors = merged[index]
-        tensors, result = iter(tensors), {}
-        for name, low_rank in zip(names, kinds):
-            result[name] = LowRank(next(tensors), next(tensors)) if low_rank else next(tensors)
-        parts.append(result)
-    return {name: _concat([part[name] for part in parts]) for name in names}
-
-
-def _tensors(value: Tensor | LowRank) -> list[Tensor]:
-    return [value.left_QOK, value.right_QIK] if isinstance(value, LowRank) else [value]
-
-
-def _concat(parts: list) -> Tensor | LowRank:
-    if isinstance(parts[0], LowRank):
-        return LowRank(torch.cat([p.left_QOK for p in parts]), torch.cat([p.right_QIK for p in parts]))
-    return torch.cat(parts)
-
-
-def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, train_batches: Iterable,
-                   objective: Objective, config: ScoreConfig = ScoreConfig(), *, show_progress: bool = True) -> ScoreResult:
-    """score(q, n) = ∇f_qᵀ (G + λI)⁻¹ ∇log p(z_n) for every query and training sequence (positive = helpful)."""
-    layers = check_factors_match(factors, model)
-    dtype = getattr(torch, config.compute_dtype)
-    with evaluation_mode(model):
-        if factors.strategy == "lissa":
-            from .evaluate import lissa_inverse_product
-
-            grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
-            preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
-                                                   show_progress=show_progress)
-            preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
-            if config.rank is not None:
-                preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
-        else:
-            preconditioned = preconditioned_query_gradients(model, layers, factors, query_batches, objective,
-                                                            dtype=dtype, rank=config.rank, show_progress=show_progress)
-        result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
-                                    show_progress=show_progress)
-    result.num_train_sequences = factors.num_sequences
-    return result
-
-
-def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,
-                       objective: Objective, config: ScoreConfig, *, show_progress: bool = True) -> ScoreResult:
-    """One pass over the training batches; every stored query is scored from the same backward."""
-    scorer = BatchScorer(preconditioned, [l.name for l in layers], getattr(torch, config.compute_dtype),
-                         per_token=config.per_token)
-    local = {}
-    for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="scores",
-                             show_progress=show_progress):
-        for done in scorer.add(item):
-            local[done.index] = (done.per_layer, done.tokens)
-    for done in scorer.flush():
-        local[done.index] = (done.per_layer, done.tokens)
-    merged = distributed.gather_by_key(local)
-    return _assemble(merged, [l.name for l in layers], config)
-
-
-def _assemble(merged: dict, names: list[str], config: ScoreConfig) -> ScoreResult:
-    order = sorted(merged)
-    if not order:
-        raise ValueError("train_batches is empty: no training sequence to score")
-    per_layer = {name: torch.cat([merged[i][0][name] for i in order], dim=1) for name in names}
-    scores = sum(per_layer.values())
-    per_token = None
-    if config.per_token:
-        width = max(merged[i][1].shape[2] for i in order)
-        per_token = torch.cat([torch.nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[2])) for i in order], dim=1)
-    return ScoreResult(scores=scores, per_layer=per_layer if config.per_layer else None, per_token=per_token)

@@ -1,0 +1,150 @@
+"""The scoring stage: `compute_scores`, and the query gradients that the query stage shares.
+
+    score(q, n) = ∇f_qᵀ (G + λI)⁻¹ ∇log p(z_n)       (positive = helpful; docs/design.md §1)
+
+Query gradients are computed and preconditioned by the processes in turns (each its share of the
+query batches), gathered on every process; then one pass over the training batches scores every
+query from the same backward (`scores.BatchScorer`).
+
+Shapes: Q queries, N training sequences, B batch, T positions, I in-features (+1 bias), O out-features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .config import ScoreConfig
+from .factors import Factors, check_factors_match, sequence_gradients
+from .model import TrackedLayer
+from .objectives import Objective, at_least_float32
+from .passes import capture_pass, device_of, evaluation_mode, require_reiterable
+from .precondition import LowRank, compress, precondition
+from .reference import lissa_inverse_product
+from .scores import BatchScorer, ScoreResult
+
+
+def query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective,
+                    *, show_progress: bool = True) -> dict[str, Tensor]:
+    """∇f_q per query and layer, {layer: V_QOI}; the processes split the batches, every process gets all."""
+    return _split_queries(model, layers, query_batches, objective, lambda grads, _: grads, show_progress=show_progress)
+
+
+def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: Factors, query_batches: Iterable,
+                                   objective: Objective, *, dtype: torch.dtype = torch.float32,
+                                   rank: int | None = None, combine: list[Tensor] | None = None,
+                                   show_progress: bool = True) -> dict[str, Tensor | LowRank]:
+    """{layer: P(∇f_q)} for every query, rank-k when `rank` is given.
+
+    The processes split the query batches: each computes and preconditions its share, a batch at a
+    time (so only rank-k factors pile up), and the results are gathered on every process, which
+    then scores its own shard of the training sequences against all of them.
+    combine: per batch, an [Q_b, R_b] matrix M turning the batch's row gradients into query gradients
+    ∇f_q = Σ_r M_qr ∇row_r (a contrast is +1 and −1).
+    """
+    def finish(grads: dict[str, Tensor], index: int) -> dict:
+        if combine is not None:
+            grads = {name: torch.einsum("qr,roi->qoi", combine[index].to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
+        return precondition(grads, factors, dtype, rank=rank)
+
+    if factors.strategy == "exact":  # one dense solve for all queries rather than one per batch
+        grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
+        if combine is not None:
+            grads = {name: torch.einsum("qr,roi->qoi", torch.block_diag(*combine).to(V), V) for name, V in grads.items()}
+        return precondition(grads, factors, dtype, rank=rank)
+    return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
+
+
+def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
+                   *, show_progress: bool) -> dict:
+    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order.
+
+    The results ({layer: dense tensor or LowRank}) travel as tensors (broadcast from their process),
+    never pickled: dense query gradients of a large model are gigabytes.
+    """
+    if distributed.lockstep():
+        require_reiterable(query_batches, "query_batches (with a sharded model)")
+    local = {}
+    for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
+                             show_progress=show_progress):
+        grads = {layer.name: sequence_gradients(at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]))
+                 for layer in layers}
+        local[item.index] = finish(grads, item.index)
+    names = [layer.name for layer in layers]
+    flat = {index: ([isinstance(result[n], LowRank) for n in names], [t for n in names for t in _tensors(result[n])])
+            for index, result in local.items()}
+    merged = distributed.gather_tensors_by_key(flat, device_of(model))
+    if not merged:
+        raise ValueError("query_batches is empty: no query to score")
+    parts = []
+    for index in sorted(merged):
+        kinds, tensors = merged[index]
+        tensors, result = iter(tensors), {}
+        for name, low_rank in zip(names, kinds):
+            result[name] = LowRank(next(tensors), next(tensors)) if low_rank else next(tensors)
+        parts.append(result)
+    return {name: _concat([part[name] for part in parts]) for name in names}
+
+
+def _tensors(value: Tensor | LowRank) -> list[Tensor]:
+    return [value.left_QOK, value.right_QIK] if isinstance(value, LowRank) else [value]
+
+
+def _concat(parts: list) -> Tensor | LowRank:
+    if isinstance(parts[0], LowRank):
+        return LowRank(torch.cat([p.left_QOK for p in parts]), torch.cat([p.right_QIK for p in parts]))
+    return torch.cat(parts)
+
+
+def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, train_batches: Iterable,
+                   objective: Objective, config: ScoreConfig = ScoreConfig(), *, show_progress: bool = True) -> ScoreResult:
+    """score(q, n) = ∇f_qᵀ (G + λI)⁻¹ ∇log p(z_n) for every query and training sequence (positive = helpful)."""
+    layers = check_factors_match(factors, model)
+    dtype = getattr(torch, config.compute_dtype)
+    with evaluation_mode(model):
+        if factors.strategy == "lissa":
+            grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
+            preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
+                                                   show_progress=show_progress)
+            preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
+            if config.rank is not None:
+                preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
+        else:
+            preconditioned = preconditioned_query_gradients(model, layers, factors, query_batches, objective,
+                                                            dtype=dtype, rank=config.rank, show_progress=show_progress)
+        result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
+                                    show_progress=show_progress)
+    result.num_train_sequences = factors.num_sequences
+    return result
+
+
+def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,
+                       objective: Objective, config: ScoreConfig, *, show_progress: bool = True) -> ScoreResult:
+    """One pass over the training batches; every stored query is scored from the same backward."""
+    scorer = BatchScorer(preconditioned, [l.name for l in layers], getattr(torch, config.compute_dtype),
+                         per_token=config.per_token)
+    local = {}
+    for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="scores",
+                             show_progress=show_progress):
+        for done in scorer.add(item):
+            local[done.index] = (done.per_layer, done.tokens)
+    for done in scorer.flush():
+        local[done.index] = (done.per_layer, done.tokens)
+    merged = distributed.gather_by_key(local)
+    return _assemble(merged, [l.name for l in layers], config)
+
+
+def _assemble(merged: dict, names: list[str], config: ScoreConfig) -> ScoreResult:
+    order = sorted(merged)
+    if not order:
+        raise ValueError("train_batches is empty: no training sequence to score")
+    per_layer = {name: torch.cat([merged[i][0][name] for i in order], dim=1) for name in names}
+    scores = sum(per_layer.values())
+    per_token = None
+    if config.per_token:
+        width = max(merged[i][1].shape[2] for i in order)
+        per_token = torch.cat([torch.nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[2])) for i in order], dim=1)
+    return ScoreResult(scores=scores, per_layer=per_layer if config.per_layer else None, per_token=per_token)
