@@ -43,7 +43,15 @@ class FactorConfig:
     """Sample labels from the model (true Fisher = Gauss-Newton); False = empirical Fisher."""
 
     seed: int = 0
-    """Seed of the sampled labels; draws are keyed to (seed, sequence index)."""
+    """Seed of the sampled labels; draws are keyed to (seed, pass, draw, sequence index)."""
+
+    label_samples: int = 1
+    """Sampled labels per position in the covariance and correction passes: a less noisy Fisher at
+    label_samples× the backward cost (one forward)."""
+
+    expected_labels: bool = False
+    """The exact expectation over every class instead of sampled labels (a backward per class): for
+    classifiers with few classes (one prediction per example)."""
 
     factor_dtype: str = "float32"
     """dtype of the stored eigenvectors and eigenvalues (accumulation is always float64)."""
@@ -81,6 +89,10 @@ class FactorConfig:
         _require(self.correction_order in CORRECTION_ORDERS, "correction_order",
                  f"{self.correction_order!r} is not one of {CORRECTION_ORDERS}")
         _require(self.max_exact_params > 0, "max_exact_params", "must be > 0")
+        _require(isinstance(self.label_samples, int) and self.label_samples >= 1, "label_samples",
+                 f"must be a positive integer, got {self.label_samples!r}")
+        _require(not (self.expected_labels and not self.sample_labels), "expected_labels",
+                 "needs sample_labels: true (the empirical Fisher uses the real labels)")
         _require(self.blocks >= 1, "blocks", f"must be >= 1, got {self.blocks}")
         _require(self.memory_budget_gb is None or self.memory_budget_gb > 0, "memory_budget_gb", "must be > 0 or null")
         _require(self.block_min_dim >= 0, "block_min_dim", f"must be >= 0, got {self.block_min_dim}")
@@ -116,9 +128,28 @@ class ScoreConfig:
     compute_dtype: str = "float32"
     """dtype of the preconditioning and score kernels."""
 
+    refine_steps: int = 0
+    """Conjugate-gradient steps refining EK-FAC's (G + λ)⁻¹∇f toward the exact damped Gauss-Newton
+    solve, each a pass of Gauss-Newton-vector products over the refinement batches (0 = none)."""
+
+    refine_batches: int | None = None
+    """Training batches of every refinement step, spread evenly over the data (None = all)."""
+
+    refine_tolerance: float = 1e-4
+    """Stop refining a query when its residual ‖v − (G + λ)x‖ ≤ this × ‖v‖."""
+
+    train_size: int | None = None
+    """N in delta_logp = score / N: the number of sequences the model was trained on. None = the
+    sequences the factors were fitted on (set it when the factors were fitted on a sample)."""
+
     def __post_init__(self) -> None:
         _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")
         _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
+        _require(self.train_size is None or self.train_size > 0, "train_size", f"must be > 0 or null, got {self.train_size}")
+        _require(isinstance(self.refine_steps, int) and self.refine_steps >= 0, "refine_steps",
+                 f"must be an integer >= 0, got {self.refine_steps!r}")
+        _require(self.refine_batches is None or self.refine_batches > 0, "refine_batches", "must be > 0 or null")
+        _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
 
 
 CANDIDATES = ("all", "shortlist")
@@ -144,6 +175,10 @@ class QueryConfig:
     shortlist_k: int = 10_000
     """Candidates per query taken from the shortlist."""
 
+    shortlist_query_counts: bool = True
+    """BM25 sums over the query's tokens with their repeats (the paper: a keyword matters more the
+    more often the query holds it); false = each distinct query token once."""
+
     batch_size: int = 8
     """Training sequences per forward/backward in the scan."""
 
@@ -161,6 +196,20 @@ class QueryConfig:
 
     compute_dtype: str = "float32"
     """dtype of the preconditioning and score kernels."""
+
+    refine_steps: int = 0
+    """Conjugate-gradient steps refining EK-FAC's (G + λ)⁻¹∇f toward the exact damped Gauss-Newton
+    solve, each a pass of Gauss-Newton-vector products over the refinement batches (0 = none)."""
+
+    refine_batches: int | None = None
+    """Training batches of every refinement step, spread evenly over the data (None = all)."""
+
+    refine_tolerance: float = 1e-4
+    """Stop refining a query when its residual ‖v − (G + λ)x‖ ≤ this × ‖v‖."""
+
+    train_size: int | None = None
+    """N in delta_logp = score / N: the number of sequences the model was trained on. None = the
+    sequences the factors were fitted on (set it when the factors were fitted on a sample)."""
 
     checkpoint_seconds: float = 300.0
     """Save the scan's progress this often, so that a killed query resumes (0 = after every batch)."""
@@ -182,6 +231,11 @@ class QueryConfig:
         _require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _require(0 < self.spurious_threshold <= 1, "spurious_threshold", f"must be in (0, 1], got {self.spurious_threshold}")
         _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
+        _require(self.train_size is None or self.train_size > 0, "train_size", f"must be > 0 or null, got {self.train_size}")
+        _require(isinstance(self.refine_steps, int) and self.refine_steps >= 0, "refine_steps",
+                 f"must be an integer >= 0, got {self.refine_steps!r}")
+        _require(self.refine_batches is None or self.refine_batches > 0, "refine_batches", "must be > 0 or null")
+        _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def shortlist_recall_audit(model, tokenizer, factors: Factors, corpus, queries: 
         rankings.append((exact + [n for n in scan if n not in set(exact)])[:k])
     encoded = [encode_query(tokenizer, Query(r["prompt"], r["completion"], r["contrast"], r["id"]),
                             max_length=context_length(model)) for r in exhaustive.queries]
-    shortlists = shortlist_candidates(index, encoded, config.shortlist_k)
+    shortlists = shortlist_candidates(index, encoded, config.shortlist_k, query_counts=config.shortlist_query_counts)
     recall = recall_at_k(shortlists, rankings, k)
     return {"k": k, "shortlist_k": config.shortlist_k, "num_sequences": len(corpus), "mean_recall": recall.mean,
             "per_query": {r["id"]: float(value) for r, value in zip(exhaustive.queries, recall.per_query)}}

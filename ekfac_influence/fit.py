@@ -164,8 +164,8 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
         return [LayerFactors(l.name, l.out_features, l.in_dim, A_II=tensors[f"A/{l.name}"], S_OO=tensors[f"S/{l.name}"])
                 for l in layers], meta["num_sequences"], meta["num_tokens"]
     (sums_A, sums_S), num_sequences, num_tokens, start = _resume(checkpoint, "covariances", layers, ("A", "S"), model)
-    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
-                             desc="covariances", show_progress=show_progress, start=start):
+    for item in capture_pass(model, layers, batches, objective, desc="covariances", show_progress=show_progress,
+                             start=start, **label_draws(config, "covariances")):
         num_sequences += item.num_sequences
         num_tokens += item.num_tokens
         for layer in layers:
@@ -189,18 +189,18 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
 
 def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFactors], batches, objective,
                         config: FactorConfig, show_progress: bool = True, checkpoint: PassCheckpoint | None = None) -> None:
-    """EK-FAC: Λ = E_sequences[(Q_Sᵀ DW_n Q_A)²], with the same sampled labels as the covariance pass."""
+    """EK-FAC: Λ = E_sequences[(Q_Sᵀ DW_n Q_A)²], with labels drawn afresh (their own stream of draws)."""
     by_name = {f.name: f for f in fitted}
     (sums,), num_sequences, _, start = _resume(checkpoint, "correction", layers, ("lambda",), model)
-    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
-                             desc="eigenvalue correction", show_progress=show_progress, start=start):
+    for item in capture_pass(model, layers, batches, objective, desc="eigenvalue correction",
+                             show_progress=show_progress, start=start, **label_draws(config, "correction")):
         num_sequences += item.num_sequences
         for layer in layers:
             f, g_BTO = by_name[layer.name], at_least_float32(item.grads[layer.name])
             QS_OO, QA_II = f.QS_OO.to(g_BTO.device, g_BTO.dtype), f.QA_II.to(g_BTO.device, g_BTO.dtype)
             part_OI = _sum_over_sequences(
                 lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
-                g_BTO, at_least_float32(item.acts[layer.name]), layer)
+                g_BTO, at_least_float32(item.draw_acts(layer.name)), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
         _save_partial(checkpoint, "correction", item.index + 1, {"lambda": sums}, num_sequences, 0)
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
@@ -246,13 +246,14 @@ def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, conf
     """Λ = E_sequences[DW_n²]: the diagonal of G (the damping reference of every strategy)."""
     sums = {l.name: None for l in layers}
     num_sequences = num_tokens = 0
-    for item in capture_pass(model, layers, batches, objective, loss=_fisher_loss(config), seed=config.seed,
-                             desc="diagonal", show_progress=show_progress):
+    for item in capture_pass(model, layers, batches, objective, desc="diagonal", show_progress=show_progress,
+                             **label_draws(config, "diagonal")):
         num_sequences += item.num_sequences
         num_tokens += item.num_tokens
         for layer in layers:
             part_OI = _sum_over_sequences(lambda g, a: sequence_gradients(g, a).square(),
-                                          at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]), layer)
+                                          at_least_float32(item.grads[layer.name]),
+                                          at_least_float32(item.draw_acts(layer.name)), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
@@ -288,8 +289,20 @@ def _sum_over_sequences(per_sequence, g_BTO: Tensor, a_BTI: Tensor, layer: Track
     return total
 
 
-def _fisher_loss(config: FactorConfig) -> str:
-    return "sampled" if config.sample_labels else "real"
+PASS_STREAMS = {"covariances": 0, "diagonal": 0, "correction": 1}  # each pass's own stream of label draws
+
+
+def label_draws(config: FactorConfig, name: str) -> dict:
+    """capture_pass's label arguments for the pass `name` (docs/design.md §1, pseudo-gradients).
+
+    The eigenvalue correction draws afresh: refitting Λ to the very labels that shaped the
+    eigenbasis would fit it to the same noise. Every pass's draws are keyed to (seed, stream, draw,
+    sequence index), so they depend neither on batch size, padding nor the number of processes.
+    """
+    if not config.sample_labels:
+        return {"loss": "real"}
+    return {"loss": "sampled", "seed": config.seed, "stream": PASS_STREAMS[name], "draws": config.label_samples,
+            "expected": config.expected_labels}
 
 
 def _zeros_if_none(sums: dict, name: str, shape, model, blocks: int = 1) -> Tensor | BlockDiagonal:

@@ -24,13 +24,26 @@ from .objectives import Objective, at_least_float32
 from .passes import capture_pass, device_of, evaluation_mode, require_reiterable
 from .precondition import LowRank, compress, precondition
 from .reference import lissa_inverse_product
+from .refine import DampedGaussNewton, refine, refinement_batches
 from .scores import BatchScorer, ScoreResult
+from .storage import PassCheckpoint
 
 
 def query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective,
-                    *, show_progress: bool = True) -> dict[str, Tensor]:
-    """∇f_q per query and layer, {layer: V_QOI}; the processes split the batches, every process gets all."""
-    return _split_queries(model, layers, query_batches, objective, lambda grads, _: grads, show_progress=show_progress)
+                    *, combine: list[Tensor] | None = None, show_progress: bool = True) -> dict[str, Tensor]:
+    """∇f_q per query and layer, {layer: V_QOI}; the processes split the batches, every process gets all.
+
+    combine: as in `preconditioned_query_gradients`.
+    """
+    def finish(grads: dict[str, Tensor], index: int) -> dict[str, Tensor]:
+        return grads if combine is None else _combined(grads, combine[index])
+
+    return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
+
+
+def _combined(grads: dict[str, Tensor], M_QR: Tensor) -> dict[str, Tensor]:
+    """∇f_q = Σ_r M_qr ∇row_r per layer."""
+    return {name: torch.einsum("qr,roi->qoi", M_QR.to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
 
 
 def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: Factors, query_batches: Iterable,
@@ -47,13 +60,13 @@ def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: F
     """
     def finish(grads: dict[str, Tensor], index: int) -> dict:
         if combine is not None:
-            grads = {name: torch.einsum("qr,roi->qoi", combine[index].to(V_ROI), V_ROI) for name, V_ROI in grads.items()}
+            grads = _combined(grads, combine[index])
         return precondition(grads, factors, dtype, rank=rank)
 
     if factors.strategy == "exact":  # one dense solve for all queries rather than one per batch
         grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
         if combine is not None:
-            grads = {name: torch.einsum("qr,roi->qoi", torch.block_diag(*combine).to(V), V) for name, V in grads.items()}
+            grads = _combined(grads, torch.block_diag(*combine))
         return precondition(grads, factors, dtype, rank=rank)
     return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
 
@@ -105,11 +118,16 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
     layers = check_factors_match(factors, model)
     dtype = getattr(torch, config.compute_dtype)
     with evaluation_mode(model):
-        if factors.strategy == "lissa":
+        if factors.strategy == "lissa" or config.refine_steps > 0:
             grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
-            preconditioned = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
-                                                   show_progress=show_progress)
-            preconditioned = {name: value.to(dtype) for name, value in preconditioned.items()}
+            if factors.strategy == "lissa":
+                solved = lissa_inverse_product(model, layers, train_batches, objective, grads, factors,
+                                               show_progress=show_progress)
+            else:
+                require_reiterable(train_batches, "train_batches")
+                solved = refined_inverse_product(model, layers, factors, refinement_batches(train_batches, config.refine_batches),
+                                                 objective, grads, config, show_progress=show_progress)
+            preconditioned = {name: value.to(dtype) for name, value in solved.items()}
             if config.rank is not None:
                 preconditioned = {name: compress(P, config.rank) for name, P in preconditioned.items()}
         else:
@@ -117,8 +135,26 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
                                                             dtype=dtype, rank=config.rank, show_progress=show_progress)
         result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
                                     show_progress=show_progress)
-    result.num_train_sequences = factors.num_sequences
+    result.num_train_sequences = config.train_size or factors.num_sequences
     return result
+
+
+def refined_inverse_product(model, layers: list[TrackedLayer], factors: Factors, batches: Iterable,
+                            objective: Objective, grads: dict[str, Tensor], config, *, show_progress: bool = True,
+                            checkpoint: PassCheckpoint | None = None, name: str = "refine") -> dict[str, Tensor]:
+    """(G + λ)⁻¹ ∇f refined from EK-FAC's answer by `config.refine_steps` preconditioned CG steps (`refine`).
+
+    batches: the training batches of every step (re-iterable). config: a ScoreConfig or QueryConfig
+    (refine_steps, refine_tolerance).
+    """
+    if factors.strategy in ("lissa", "exact"):
+        raise ValueError(f"refinement starts from a factored curvature (ekfac, kfac, diagonal, identity); the "
+                         f"{factors.strategy} strategy solves on its own: set refine_steps to 0")
+    if distributed.lockstep():
+        raise ValueError("refinement does not run with an FSDP-sharded model yet: set refine_steps to 0")
+    operator = DampedGaussNewton(model, layers, factors, batches, objective)
+    return refine(operator, factors, grads, steps=config.refine_steps, tolerance=config.refine_tolerance,
+                  show_progress=show_progress, checkpoint=checkpoint, name=name)
 
 
 def score_training_set(model, layers: list[TrackedLayer], preconditioned: dict, train_batches: Iterable,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+_CDF_CHUNK_ELEMENTS = 2**25  # float64 CDF rows sampled at once (256 MiB)
 
 
 @runtime_checkable
@@ -33,35 +34,68 @@ class Objective(Protocol):
 
 
 class LabelSampler:
-    """Uniform draws for label sampling, keyed to (seed, sequence index, token rank).
+    """Uniform draws for label sampling, keyed to (seed, stream, draw, sequence index, token rank).
 
     Sequence `first_index + b` of a batch always gets the same uniforms, whatever the batch it sits
-    in, and its k-th real token always gets the k-th draw, wherever padding puts it.
+    in, and its k-th real token always gets the k-th draw, wherever padding puts it. `stream` keys a
+    pass (the eigenvalue correction draws afresh, apart from the covariance pass) and `draw` one of
+    several label samples per position; stream 0, draw 0 is the plain (seed, sequence) key.
     """
 
-    def __init__(self, seed: int, first_index: int):
+    def __init__(self, seed: int, first_index: int, *, stream: int = 0, draw: int = 0):
         self.seed = seed
         self.first_index = first_index
+        self.stream, self.draw = stream, draw
+
+    def key(self, index: int) -> int:
+        key = mix_seed(self.seed, index)
+        return key if (self.stream, self.draw) == (0, 0) else mix_seed(key, (self.stream << 20) + self.draw + 1)
 
     def uniforms(self, valid_BT: Tensor) -> Tensor:
         valid_BT = valid_BT.bool().cpu()
         u_BT = torch.zeros(valid_BT.shape, dtype=torch.float64)
         for b in range(valid_BT.shape[0]):
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.first_index + b))
+            generator = torch.Generator().manual_seed(self.key(self.first_index + b))
             count = int(valid_BT[b].sum())
             u_BT[b, valid_BT[b]] = torch.rand(count, generator=generator, dtype=torch.float64)
         return u_BT
 
     def sample(self, logits_BTV: Tensor, valid_BT: Tensor) -> Tensor:
-        """Labels y_BT ~ softmax(logits) by inverse CDF; IGNORE_INDEX where not valid."""
+        """Labels y_BT ~ softmax(logits) by inverse CDF in float64; IGNORE_INDEX where not valid.
+
+        float64 because a float32 cumulative sum over a 128k vocabulary misses 1 by ~1e-5, which
+        shifts every draw near the top of the CDF. Rows are done in chunks of ≤ 2^25 elements.
+        """
         u_BT = self.uniforms(valid_BT).to(logits_BTV.device)
-        logits_BTV = logits_BTV.detach()
-        logits_BTV = logits_BTV if logits_BTV.dtype == torch.float64 else logits_BTV.float()
-        cdf_BTV = torch.softmax(logits_BTV, dim=-1).cumsum(-1)
-        u_BT = u_BT.to(cdf_BTV.dtype)
-        labels_BT = torch.searchsorted(cdf_BTV, u_BT[..., None]).squeeze(-1)
-        labels_BT = labels_BT.clamp_max(logits_BTV.shape[-1] - 1)
+        V = logits_BTV.shape[-1]
+        logits_NV, u_N = logits_BTV.detach().reshape(-1, V), u_BT.reshape(-1)
+        labels_N = torch.empty(u_N.shape, dtype=torch.long, device=logits_BTV.device)
+        step = max(1, _CDF_CHUNK_ELEMENTS // V)
+        for start in range(0, len(u_N), step):
+            cdf_nV = torch.softmax(logits_NV[start : start + step].double(), dim=-1).cumsum(-1)
+            labels_N[start : start + step] = torch.searchsorted(cdf_nV, u_N[start : start + step, None]).squeeze(-1)
+        labels_BT = labels_N.reshape(u_BT.shape).clamp_max(V - 1)
         return torch.where(valid_BT.bool(), labels_BT, torch.full_like(labels_BT, IGNORE_INDEX))
+
+
+def fisher_losses(logits_BTV: Tensor, valid_BT: Tensor, sampler: LabelSampler, *, draws: int = 1,
+                  expected: bool = False) -> list[Tensor]:
+    """Losses L_j whose output gradients g_j give the Gauss-Newton: Σ_j g_j g_jᵀ ≈ Jᵀ H J.
+
+    draws: k sampled labels per position, L_j = CE(z, y_j) / √k, so that Σ_j g_j g_jᵀ is the mean of
+    k independent Fisher samples (k× the backward cost, 1/k the label noise).
+    expected: the exact expectation over the V classes, L_y = Σ_{b,t} √p_y · (−log p_y), whose
+    gradient √p_y (p − e_y) gives Σ_y g_y g_yᵀ = Jᵀ (diag p − p pᵀ) J exactly. Exact only with one
+    prediction per sequence (classification): with several, positions' terms mix.
+    """
+    if expected:
+        logp_BTV = torch.log_softmax(at_least_float32(logits_BTV), dim=-1)
+        weight_BTV = (logp_BTV.detach().exp() * valid_BT[..., None]).sqrt()
+        return [-(weight_BTV[..., y] * logp_BTV[..., y]).sum() for y in range(logits_BTV.shape[-1])]
+    scale = draws ** -0.5
+    return [_summed_cross_entropy(logits_BTV, LabelSampler(sampler.seed, sampler.first_index, stream=sampler.stream,
+                                                           draw=j).sample(logits_BTV, valid_BT)) * scale
+            for j in range(draws)]
 
 
 def mix_seed(seed: int, index: int) -> int:

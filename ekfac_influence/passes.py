@@ -17,7 +17,7 @@ from . import distributed
 from .factors import parts
 from .hooks import Capture, effective_mask, mask_gradient
 from .model import TrackedLayer
-from .objectives import LabelSampler, Objective, batch_size, to_device
+from .objectives import LabelSampler, Objective, batch_size, fisher_losses, to_device
 
 
 @dataclass
@@ -27,7 +27,13 @@ class BatchCapture:
     num_sequences: int
     num_tokens: int
     acts: dict[str, Tensor]  # layer -> ā_BTI (masked)
-    grads: dict[str, Tensor]  # layer -> g_BTO (masked), gradient of the summed loss
+    grads: dict[str, Tensor]  # layer -> g_BTO (masked), gradient of the summed loss; [D·B, T, O] with D draws
+    draws: int = 1  # label draws per position: grads hold D blocks of B sequences, draw-major
+
+    def draw_acts(self, name: str) -> Tensor:
+        """ā of layer `name` matching grads' rows: [D·B, T, I] (the same activations for every draw)."""
+        a_BTI = self.acts[name]
+        return a_BTI if self.draws == 1 else a_BTI.repeat(self.draws, 1, 1)
 
 
 class NonFiniteError(ValueError):
@@ -94,10 +100,16 @@ def capture_pass(
     shard: bool = True,
     start: int = 0,
     pad_to: int | None = None,
+    stream: int = 0,
+    draws: int = 1,
+    expected: bool = False,
 ) -> Iterator[BatchCapture]:
     """Forward + backward of each batch (this process's share), gradients of tracked outputs only.
 
     loss: "sampled" (labels drawn from the model), "real" (training loss L), or "measurement" (f).
+    stream, draws, expected: for "sampled", the pass's own key for the draws, the number of label
+    draws per position (one forward, `draws` backwards), or the exact expectation over the classes
+    (see `objectives.fisher_losses`).
     start: batches before this index are skipped unread by the model (a resumed pass).
     pad_to: with a model sharded by FSDP every process must run as many forward/backward passes as
     the others (each one gathers weights from all); a process whose share is shorter repeats its
@@ -109,46 +121,62 @@ def capture_pass(
             raise ValueError("with a sharded model (FSDP) the batches need a length (a list or a DataLoader)")
         pad_to = -(-len(batches) // distributed.world())
     items = progress(batches, desc, show_progress)
-    stream = distributed.shard(items, batch_size) if shard else _unsharded(items)
+    mine = distributed.shard(items, batch_size) if shard else _unsharded(items)
     runs, last = 0, None
-    for index, first, batch in stream:
+    for index, first, batch in mine:
         if index < start:
             continue
         last = batch = to_device(batch, device)
         runs += 1
-        yield _forward_backward(model, layers, batch, objective, loss, seed, index, first)
+        yield _forward_backward(model, layers, batch, objective, loss, LabelSampler(seed, first, stream=stream),
+                                index, draws, expected)
     if pad_to is not None and runs < pad_to:
         if last is None:  # no batch of its own: borrow the first one
             last = to_device(next(iter(batches)), device)
         for _ in range(pad_to - runs):
-            _forward_backward(model, layers, last, objective, loss, seed, -1, 0)
+            _forward_backward(model, layers, last, objective, loss, LabelSampler(seed, 0, stream=stream), -1, draws,
+                              expected)
 
 
-def _forward_backward(model, layers, batch, objective: Objective, loss: str, seed: int, index: int,
-                      first: int) -> BatchCapture:
+def _forward_backward(model, layers, batch, objective: Objective, loss: str, sampler: LabelSampler, index: int,
+                      draws: int = 1, expected: bool = False) -> BatchCapture:
+    first = sampler.first_index
+    several = loss == "sampled" and (draws > 1 or expected)
     with Capture(layers) as capture:
         if loss == "measurement":
-            value = objective.measurement(model, batch)
+            values = [objective.measurement(model, batch)]
+        elif several:
+            if not hasattr(objective, "output_logits"):
+                raise TypeError(f"{type(objective).__name__} has no output_logits(model, batch); several label draws "
+                                f"per position (label_samples > 1, expected_labels) need it")
+            logits_BTV, valid_BT = objective.output_logits(model, batch)
+            if expected and int(valid_BT.sum(1).max()) > 1:
+                raise ValueError("expected_labels is exact only with one prediction per sequence (a classifier); this "
+                                 "batch has sequences with several. Use label_samples instead")
+            values = fisher_losses(logits_BTV, valid_BT, sampler, draws=draws, expected=expected)
         else:
-            value = objective.train_loss(model, batch, sample_labels=loss == "sampled",
-                                         generator=LabelSampler(seed, first))
+            values = [objective.train_loss(model, batch, sample_labels=loss == "sampled", generator=sampler)]
     mask_BT = effective_mask(objective.token_mask(batch))
     acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
     B, T = next(iter(acts.values())).shape[:2]
     where = f"batch {index} (sequences {first}..{first + B - 1})"
-    if not torch.isfinite(value):
-        check_finite("inputs", acts, where)
-        raise NonFiniteError(f"the {loss} loss of {where} is {value.item()}; check the model's weights and the inputs")
-    grads = capture.output_gradients(value)
+    for value in values:
+        if not torch.isfinite(value):
+            check_finite("inputs", acts, where)
+            raise NonFiniteError(f"the {loss} loss of {where} is {value.item()}; check the model's weights and the inputs")
+    per_draw = [capture.output_gradients(value, retain_graph=j < len(values) - 1) for j, value in enumerate(values)]
+    grads = per_draw[0] if len(per_draw) == 1 else {name: torch.cat([g[name] for g in per_draw]) for name in per_draw[0]}
     check_finite("inputs", acts, where)
     check_finite("output gradients", grads, where)
+    draw_mask = mask_BT if mask_BT is None or len(values) == 1 else mask_BT.repeat(len(values), 1)
     return BatchCapture(
         index=index,
         first=first,
         num_sequences=B,
         num_tokens=int(mask_BT.sum()) if mask_BT is not None else B * T,
         acts=acts,
-        grads={name: mask_gradient(g_BTO, mask_BT) for name, g_BTO in grads.items()},
+        grads={name: mask_gradient(g_BTO, draw_mask) for name, g_BTO in grads.items()},
+        draws=len(values),
     )
 
 

@@ -37,6 +37,7 @@ from .factors import Factors, check_factors_match
 from .model import context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import device_of, evaluation_mode
+from .precondition import compress
 from .scan import preconditioned_queries, rescore, scan
 from .storage import PassCheckpoint, StorageError, replace_directory
 from .version import __version__
@@ -69,6 +70,8 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
     layers = check_factors_match(factors, model)
     if factors.strategy == "lissa":
         raise ValueError("the lissa strategy needs passes over the training data per query; use compute_scores for it")
+    if config.refine_steps > 0 and factors.strategy == "exact":
+        raise ValueError("the exact strategy solves exactly: set query.refine_steps to 0")
     if corpus.tokenizer_id != tokenizer_id(tokenizer):
         raise DataError("the corpus was packed with another tokenizer than the model's; pack it again with this tokenizer")
     queries = [as_query(q, i) for i, q in enumerate(queries)]
@@ -85,11 +88,10 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
     with evaluation_mode(model):
         encoded, generated = complete_queries(model, tokenizer, queries, config)
         if config.candidates == "shortlist" and candidates is None:
-            candidates = shortlist_candidates(index, encoded, config.shortlist_k)
+            candidates = shortlist_candidates(index, encoded, config.shortlist_k,
+                                              query_counts=config.shortlist_query_counts)
         logp_Q = measure(model, tokenizer, encoded)
         clock.lap("complete")
-        P = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=config.rank)
-        clock.lap("precondition")
         key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
                "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
                "queries": _digest([item.rows() for item in encoded]),
@@ -97,19 +99,28 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         tmp = _work_directory(out, key)
         checkpoint = None if tmp is None else PassCheckpoint(tmp, key, every_batches=config.checkpoint_batches,
                                                               every_seconds=config.checkpoint_seconds)
+        dense = None
+        if config.refine_steps > 0:  # refined once, full rank; truncated for the scan, sliced for the rescoring
+            dense = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=None, corpus=corpus,
+                                           checkpoint=checkpoint, show_progress=show_progress)
+            P = dense if config.rank is None else {name: compress(value, config.rank) for name, value in dense.items()}
+        else:
+            P = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=config.rank)
+        clock.lap("precondition")
         # the partial directory survives an interruption: a rerun resumes the scan from its last save
         scores_QN = _scores_file(tmp, len(encoded), len(corpus))
         best = scan(model, layers, P, corpus, candidates, scores_QN, config, show_progress=show_progress,
                     checkpoint=checkpoint)
         clock.lap("scan")
         full = P if config.rank is None or config.rerank == 0 else None
-        details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, config, full,
+        details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, config, full, dense=dense,
                           show_progress=show_progress)
         clock.lap("rescore")
         resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
-        records = [_record(q, resolved[q], details[q], corpus, tokenizer, factors.num_sequences, config,
+        train_size = config.train_size or factors.num_sequences
+        records = [_record(q, resolved[q], details[q], corpus, tokenizer, train_size, config,
                            len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
-        results = QueryResults(resolved, records, scores_QN, factors.num_sequences, [l.name for l in layers], clock.laps)
+        results = QueryResults(resolved, records, scores_QN, train_size, [l.name for l in layers], clock.laps)
         distributed.barrier()
         if out is not None and distributed.is_main():
             _write(tmp, out, results, factors, tokenizer, corpus, config)
@@ -156,10 +167,10 @@ def check_index_matches(index, corpus: PackedCorpus) -> None:
         raise DataError("the shortlist index was built with another tokenizer; rebuild it (ekfac-influence index --overwrite)")
 
 
-def shortlist_candidates(index, encoded: list[EncodedQuery], k: int) -> list[np.ndarray]:
+def shortlist_candidates(index, encoded: list[EncodedQuery], k: int, *, query_counts: bool = True) -> list[np.ndarray]:
     """Each query's top-k sequences by BM25 over its prompt + completion (+ contrast) tokens."""
     tokens = [item.prompt_ids + item.completion_ids + (item.contrast_ids or []) for item in encoded]
-    ids_QK, _ = index.search_batch(tokens, k)
+    ids_QK, _ = index.search_batch(tokens, k, query_counts=query_counts)
     return [np.asarray(row, dtype=np.int64) for row in ids_QK]
 
 
@@ -310,9 +321,9 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
                 "scores": {"file": SCORES_FILE, "dtype": "float32", "shape": [Q, N], "order": "C",
                            "meaning": "scan scores (rank-k when config.rank is set); NaN = not scanned"},
                 "fingerprint": factors.fingerprint, "strategy": factors.strategy, "tokenizer_id": tokenizer_id(tokenizer),
-                "corpus_id": corpus.corpus_id, "num_train_sequences": factors.num_sequences,
+                "corpus_id": corpus.corpus_id, "num_train_sequences": results.num_train_sequences,
                 "layers": results.layer_names, "config": to_dict(config)}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    for progress in [tmp / "key.json", *tmp.glob("scan.rank*")]:
+    for progress in [tmp / "key.json", *tmp.glob("scan.rank*"), *tmp.glob("refine.rank*")]:
         progress.unlink()
     replace_directory(tmp, out)

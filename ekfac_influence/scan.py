@@ -21,11 +21,11 @@ from . import distributed
 from .config import QueryConfig
 from .data import EncodedQuery, PackedCorpus, PackedDataset, collate_query_rows, pad_token_id, query_rows
 from .factors import Factors
-from .influence import preconditioned_query_gradients
+from .influence import preconditioned_query_gradients, query_gradients, refined_inverse_product
 from .model import TrackedLayer
 from .objectives import CausalLMObjective
 from .passes import capture_pass
-from .precondition import LowRank
+from .precondition import LowRank, compress
 from .scores import BatchScorer, pair_sequence_scores, pair_token_scores
 from .storage import PassCheckpoint
 
@@ -33,18 +33,39 @@ _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the 
 
 
 def preconditioned_queries(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
-                           config: QueryConfig, *, rank: int | None) -> dict[str, Tensor | LowRank]:
+                           config: QueryConfig, *, rank: int | None, corpus: PackedCorpus | None = None,
+                           checkpoint: PassCheckpoint | None = None,
+                           show_progress: bool = False) -> dict[str, Tensor | LowRank]:
     """{layer: P(∇f_q) for every query}: groups of queries split among the processes, gathered on all.
 
     Groups hold at most `query_batch_size` rows, and fewer when that leaves a process without a group.
+    With `config.refine_steps`, P(∇f_q) is refined toward the exact damped Gauss-Newton solve over
+    batches of `corpus` (then truncated to rank k), resumable through `checkpoint`.
     """
     rows = sum(len(item.rows()) for item in encoded)
     per_group = max(1, min(config.query_batch_size, -(-rows // distributed.world())))
     groups = [query_rows(group) for group in _query_groups(encoded, per_group)]
     batches = [collate_query_rows(rows, pad_token_id(tokenizer)) for rows, _ in groups]
-    return preconditioned_query_gradients(model, layers, factors, batches, CausalLMObjective(),
-                                          dtype=getattr(torch, config.compute_dtype), rank=rank,
-                                          combine=[M_QR for _, M_QR in groups], show_progress=False)
+    dtype, combine = getattr(torch, config.compute_dtype), [M_QR for _, M_QR in groups]
+    if config.refine_steps == 0:
+        return preconditioned_query_gradients(model, layers, factors, batches, CausalLMObjective(), dtype=dtype,
+                                              rank=rank, combine=combine, show_progress=False)
+    if corpus is None:
+        raise ValueError("refinement needs the training corpus (its batches give the Gauss-Newton products)")
+    grads = query_gradients(model, layers, batches, CausalLMObjective(), combine=combine, show_progress=False)
+    solved = refined_inverse_product(model, layers, factors, refinement_loader(corpus, config), CausalLMObjective(),
+                                     grads, config, show_progress=show_progress, checkpoint=checkpoint)
+    P = {name: value.to(dtype) for name, value in solved.items()}
+    return P if rank is None else {name: compress(value, rank) for name, value in P.items()}
+
+
+def refinement_loader(corpus: PackedCorpus, config: QueryConfig) -> torch.utils.data.DataLoader:
+    """The training batches of every refinement step: all, or `refine_batches` spread evenly over the corpus."""
+    size, total = config.batch_size, -(-len(corpus) // config.batch_size)
+    chosen = range(total) if config.refine_batches is None else \
+        sorted({round(i * total / config.refine_batches) for i in range(min(config.refine_batches, total))})
+    ids = np.concatenate([np.arange(b * size, min(len(corpus), (b + 1) * size)) for b in chosen])
+    return torch.utils.data.DataLoader(PackedDataset(corpus, ids), batch_size=size, shuffle=False)
 
 
 def _query_groups(encoded: list[EncodedQuery], rows_per_group: int):
@@ -165,16 +186,17 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
 
 def rescore(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
             corpus: PackedCorpus, best: RunningTopK, config: QueryConfig, full: dict | None,
-            *, show_progress: bool = True) -> list[dict[int, dict]]:
+            *, dense: dict | None = None, show_progress: bool = True) -> list[dict[int, dict]]:
     """{sequence: {score, per_layer, per_token}} for each query's final top-k, positive and negative.
 
     With reranking (full is None): each query's `rerank` best and worst scan candidates are scored
     again with full-rank query gradients (preconditioned a chunk of queries at a time, within a
     memory budget), and the top-k of those scores get the per-token split. Without: the scan's
-    top-k get it, with the scan's query gradients `full`.
+    top-k get it, with the scan's query gradients `full`. dense: every query's full-rank P(∇f_q)
+    when already computed (refined), used instead of preconditioning again.
     """
     per_query = sum(layer.num_params for layer in layers)
-    step = len(encoded) if full is not None else max(1, _DENSE_BUDGET_ELEMENTS // per_query)
+    step = len(encoded) if full is not None or dense is not None else max(1, _DENSE_BUDGET_ELEMENTS // per_query)
     details: list[dict[int, dict]] = []
     for start in range(0, len(encoded), step):
         stop = min(len(encoded), start + step)
@@ -183,7 +205,8 @@ def rescore(model, layers: list[TrackedLayer], factors: Factors, tokenizer, enco
             P = full
             finalists = {q: best.selected(q, config.top_k) for q in range(start, stop)}
         else:
-            P = preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop], config, rank=None)
+            P = {name: value[start:stop] for name, value in dense.items()} if dense is not None else \
+                preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop], config, rank=None)
             rescored = _score_pairs(model, layers, P, rows, {q: best.selected(q, config.rerank) for q in range(start, stop)},
                                     corpus, config, per_token=False, show_progress=show_progress)
             finalists = {q: _finalists(scores, config.top_k) for q, scores in zip(range(start, stop), rescored)}

@@ -6,8 +6,10 @@ weightings; C sequences in the index, n_t of them contain token t, c(t, D) count
 
     bm25 (default: the paper's modified BM25, e(t, D) = 1 if t occurs in D else 0)
         IDF(t)      = log((C − n_t + 0.5) / (n_t + 0.5) + 1)
-        score(Q, D) = Σ_{t ∈ set(Q)} IDF(t) · (k1 + 1) e(t, D) / (k1 + e(t, D))
-      A query is a SET of tokens: a token repeated in the query counts once. With presence e ∈ {0, 1}
+        score(Q, D) = Σ_{i=1..|Q|} IDF(q_i) · (k1 + 1) e(q_i, D) / (k1 + e(q_i, D))
+      over the query's tokens with their repeats, as the paper sums over the query's keywords (a
+      keyword matters more the more often the query holds it); `query_counts=False` counts each
+      distinct query token once (the query as a set). With presence e ∈ {0, 1}
       the BM25 factor is exactly 1 for a present term, so k1 has no effect on any score; it is kept
       (and recorded) so that the formula reads as the paper's.
     tfidf (scikit-learn's TfidfTransformer on raw counts: smooth idf, l2-normalised rows)
@@ -297,23 +299,25 @@ class ShortlistIndex:
 
     # ------------------------------------------------------------------------- search
 
-    def search(self, query_token_ids: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_token_ids: Sequence[int], k: int, *, query_counts: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k sequences for one query: (ids int64 [min(k, N)], scores float32), best first."""
         if _token_array(query_token_ids, "the query").size == 0:
             raise ShortlistError("the query is empty: it needs at least one token id (prompt + completion)")
-        ids_QK, scores_QK = self.search_batch([query_token_ids], k)
+        ids_QK, scores_QK = self.search_batch([query_token_ids], k, query_counts=query_counts)
         return ids_QK[0], scores_QK[0]
 
-    def search_batch(self, queries: Iterable[Sequence[int]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_batch(self, queries: Iterable[Sequence[int]], k: int, *,
+                     query_counts: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k sequences for each query: (ids int64 [Q, min(k, N)], scores float32), best first.
 
         Scores of a block of queries come from one sparse product, queries [B, V] @ index [V, N];
         a block is as many queries as 2^25 dense scores allow (128 MiB: 33 queries at N = 1M).
-        Repeated query tokens count once for bm25, with their counts for tfidf.
+        A query token repeated c times counts c times (bm25 with query_counts, the paper's form, and
+        tfidf), or once (bm25 without).
         """
         if not _is_positive_int(k):
             raise ShortlistError(f"k must be a positive integer, got {k!r}")
-        queries_QV = self._query_matrix(queries)
+        queries_QV = self._query_matrix(queries, query_counts)
         num_queries, top = queries_QV.shape[0], min(int(k), self.num_sequences)
         ids_QK = np.empty((num_queries, top), dtype=np.int64)
         scores_QK = np.empty((num_queries, top), dtype=np.float32)
@@ -325,7 +329,7 @@ class ShortlistIndex:
                 scores_QK[start + b] = scores_N[ids_QK[start + b]]
         return ids_QK, scores_QK
 
-    def _query_matrix(self, queries: Iterable[Sequence[int]]) -> sp.csr_array:
+    def _query_matrix(self, queries: Iterable[Sequence[int]], query_counts: bool = True) -> sp.csr_array:
         """Queries as a [Q, V] float32 CSR matrix of term weights (see the module docstring)."""
         terms, weights, row_nnz = [], [], []
         for q, query in enumerate(queries):
@@ -335,7 +339,7 @@ class ShortlistIndex:
             tokens = tokens[(tokens >= 0) & (tokens < self.vocab_size)]  # other ids are absent terms
             term, count = np.unique(tokens.astype(np.int64), return_counts=True)
             if self.weighting == "bm25":
-                weight = np.ones(term.size)  # a set: IDF sits in the index's data
+                weight = count if query_counts else np.ones(term.size)  # IDF sits in the index's data
             else:
                 weight = count * self.idf[term]
                 weight = weight / np.sqrt(np.sum(weight * weight)) if term.size else weight

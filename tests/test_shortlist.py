@@ -27,12 +27,12 @@ from ekfac_influence.shortlist import ShortlistError, ShortlistIndex
 CORPUS = [[1, 2, 3, 3], [2, 4], [], [5, 1, 1, 1, 2], [1, 2, 3], [6], [4, 4, 2, 7]]
 
 
-def bm25_reference(corpus, query, k1=1.5) -> list[float]:
-    """The paper's modified BM25 in plain loops."""
+def bm25_reference(corpus, query, k1=1.5, *, counted=True) -> list[float]:
+    """The paper's modified BM25 in plain loops: Σ over the query's tokens (repeats counted), or over its set."""
     C, scores = len(corpus), []
     for doc in corpus:
         score = 0.0
-        for t in set(query):
+        for t in (query if counted else set(query)):
             n_t = sum(1 for d in corpus if t in d)
             e = 1 if t in doc else 0
             score += math.log((C - n_t + 0.5) / (n_t + 0.5) + 1) * (k1 + 1) * e / (k1 + e)
@@ -85,9 +85,22 @@ def test_bm25_scores_equal_a_hand_computed_formula_on_a_small_corpus():
     assert all_scores(index, [3])[0] == pytest.approx(math.log(5.5 / 2.5 + 1), rel=1e-6)
 
 
-def test_bm25_counts_a_repeated_query_token_once():
+def test_bm25_counts_a_repeated_query_token_as_often_as_the_query_holds_it():
+    """The paper's form: [3, 3, 3, 1] scores 3·IDF(3) + IDF(1) where both occur."""
     index = ShortlistIndex.build(CORPUS)
-    assert np.array_equal(all_scores(index, [3, 3, 3, 1]), all_scores(index, [1, 3]))
+    np.testing.assert_allclose(all_scores(index, [3, 3, 3, 1]), bm25_reference(CORPUS, [3, 3, 3, 1]), rtol=1e-6)
+    idf = {t: math.log((7 - n + 0.5) / (n + 0.5) + 1) for t, n in ((3, 2), (1, 3))}
+    assert all_scores(index, [3, 3, 3, 1])[0] == pytest.approx(3 * idf[3] + idf[1], rel=1e-6)  # [1, 2, 3, 3] holds both
+    assert all_scores(index, [3, 3, 3, 1])[3] == pytest.approx(idf[1], rel=1e-6)  # [5, 1, 1, 1, 2] holds 1 only
+
+
+def test_bm25_as_a_set_counts_a_repeated_query_token_once():
+    index = ShortlistIndex.build(CORPUS)
+    ids, scores = index.search([3, 3, 3, 1], 7, query_counts=False)
+    once = np.full(7, np.nan)
+    once[ids] = scores
+    np.testing.assert_allclose(once, bm25_reference(CORPUS, [1, 3], counted=False), rtol=1e-6)
+    assert np.array_equal(once, all_scores(index, [1, 3]))
 
 
 def test_k1_has_no_effect_on_bm25_with_presence_weighting():

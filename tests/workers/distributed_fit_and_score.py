@@ -52,6 +52,10 @@ def run(model_path: str) -> dict[str, torch.Tensor]:
     for layer in blocked.layers:  # block-diagonal factors: blocks reduced and broadcast in place
         out[f"blocked/{layer.name}/A_II"] = layer.A_II.dense()
         out[f"blocked/{layer.name}/lambda_OI"] = layer.lambda_OI
+    refined = ei.compute_scores(model, factors, query_batches(QUERIES, batch_size=2), train, objective,
+                                ei.ScoreConfig(compute_dtype="float64", refine_steps=2, refine_batches=5,
+                                               refine_tolerance=0.0), show_progress=False)
+    out["refined_scores"] = refined.scores  # Gauss-Newton products over 5 of 7 batches, sharded and reduced
     out["world"] = torch.tensor(distributed.world())
     split = distributed.gather_by_key({distributed.rank(): count[0]})
     out["queries_by_process"] = torch.tensor([split[rank] for rank in sorted(split)])
