@@ -123,7 +123,8 @@ class ScoreConfig:
     """Also return the score split by tracked layer."""
 
     per_token: bool = False
-    """Also return the score split by training token (position t: input token t, predicting t+1)."""
+    """Also return the score split by training position (position t: the influence through the tracked
+    layers at input token t, which predicts token t+1 and, through attention, later ones)."""
 
     compute_dtype: str = "float32"
     """dtype of the preconditioning and score kernels."""

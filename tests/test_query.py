@@ -68,6 +68,19 @@ def test_a_full_rank_scan_equals_the_engines_scores(setting):
                                reference_scores(setting, QUERIES).float().double(), rtol=1e-5, atol=1e-5)
 
 
+def test_refined_queries_give_the_engines_refined_scores_in_the_scan_and_the_rescoring(setting):
+    """query.refine_steps: refined once at full rank, truncated for the scan, reused (not refined again) to rescore."""
+    refine = dict(refine_steps=2, refine_tolerance=0.0)
+    reference = reference_scores(setting, QUERIES, **refine)
+    assert not torch.allclose(reference, reference_scores(setting, QUERIES), rtol=1e-3)  # refinement changed them
+    results = run(setting, rank=2, rerank=16, top_k=4, **refine, **EXACT)
+    for q, record in enumerate(results.records):
+        for hit in record["top_positive"] + record["top_negative"]:
+            assert hit["score"] == pytest.approx(reference[q, hit["sequence"]].item(), rel=1e-7)
+    full = run(setting, rank=None, rerank=0, refine_batches=2, refine_steps=1, **EXACT)  # 2 of the 8 batches per step
+    assert np.isfinite(np.asarray(full.scores_QN)).all()
+
+
 def test_rank_k_scan_then_full_rank_rescoring_returns_exact_scores_for_the_top_sequences(setting):
     reference = reference_scores(setting, QUERIES)
     results = run(setting, rank=2, rerank=16, top_k=4, **EXACT)

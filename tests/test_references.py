@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 import ekfac_influence as ei
 from ekfac_influence.data import Query, collate_query_rows, encode_query
 from ekfac_influence.demo import pydoc_documents
+from ekfac_influence.fit import label_draws
 from ekfac_influence.objectives import LabelSampler
 
 EXACT = dict(rtol=1e-9, atol=1e-12)  # float64 end to end: only summation order differs
@@ -226,15 +227,10 @@ def test_per_layer_scores_equal_each_layers_autograd_reference(llama_case, strat
 
 
 def label_sampler(config: ei.FactorConfig, pass_name: str, n: int) -> LabelSampler:
-    """The sampler of sequence n's labels in the pass `pass_name` ("covariances" or "correction"), keyed
-    as fit.py keys them: `fit.label_draws` (each pass its own stream; the correction draws afresh)
-    where it exists, else config.seed for both passes (the same draws, as fit.py had it before)."""
-    from ekfac_influence import fit as fit_module
-
-    if not hasattr(fit_module, "label_draws"):
-        return LabelSampler(config.seed, n)
-    draws = fit_module.label_draws(config, pass_name)
-    return LabelSampler(draws["seed"], n, stream=draws.get("stream", 0))
+    """Sequence n's label sampler in the pass `pass_name` ("covariances" or "correction"), read from the
+    key fit.py gives that pass (`fit.label_draws`: each pass its own stream, the correction draws afresh)."""
+    draws = label_draws(config, pass_name)
+    return LabelSampler(draws["seed"], n, stream=draws["stream"])
 
 
 def sampled_loss(model, ids_T: Tensor, sampler: LabelSampler) -> Tensor:
