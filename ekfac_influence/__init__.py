@@ -5,6 +5,7 @@ Influence functions with EK-FAC curvature (Grosse et al., 2023). docs/design.md 
     factors = fit_factors(model, train_batches, objective, FactorConfig(strategy="ekfac"))
     result = compute_scores(model, factors, query_batches, train_batches, objective, ScoreConfig())
     top_k(result, 10)
+    self_influence(model, factors, train_batches, objective).values   # s(n) per training sequence: a corpus audit
 
 and for Hugging Face causal LMs over a packed corpus:
 
@@ -13,7 +14,8 @@ and for Hugging Face causal LMs over a packed corpus:
     results = query_influence(model, tokenizer, factors, corpus, [("prompt", " completion")], QueryConfig())
 """
 
-from .config import ConfigError, FactorConfig, QueryConfig, RunConfig, ScoreConfig, load_run_config
+from .audit import SelfInfluenceResult, self_influence
+from .config import ConfigError, FactorConfig, QueryConfig, RunConfig, ScoreConfig, SelfInfluenceConfig, load_run_config
 from .data import DataError, PackedCorpus, Query, load_corpus, pack, pack_to_disk, read_queries
 from .evaluate import RecallAtK, recall_at_k, shortlist_recall
 from .factors import FactorMismatchError, Factors, LayerFactors
@@ -31,8 +33,9 @@ from .version import __version__
 __all__ = [
     "CausalLMObjective", "ClassificationObjective", "ConfigError", "DataError", "FactorConfig", "FactorMismatchError",
     "Factors", "LabelSampler", "LayerFactors", "LayerSelectionError", "ModelLoadError", "NonFiniteError", "Objective",
-    "PackedCorpus", "Query", "QueryConfig", "QueryResults", "RecallAtK", "RunConfig", "ScoreConfig", "ScoreResult", "ShortlistError",
+    "PackedCorpus", "Query", "QueryConfig", "QueryResults", "RecallAtK", "RunConfig", "ScoreConfig", "ScoreResult", "SelfInfluenceConfig",
+    "SelfInfluenceResult", "ShortlistError",
     "ShortlistIndex", "StorageError", "TopK", "TrackedLayer", "compute_scores", "fingerprint", "fit_factors",
     "load_causal_lm", "load_corpus", "load_run_config", "pack", "pack_to_disk", "query_influence", "read_queries",
-    "recall_at_k", "select_layers", "shortlist_recall", "top_k", "__version__",
+    "recall_at_k", "select_layers", "self_influence", "shortlist_recall", "top_k", "__version__",
 ]

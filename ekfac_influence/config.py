@@ -154,6 +154,7 @@ class ScoreConfig:
 
 
 CANDIDATES = ("all", "shortlist")
+NORMALIZATIONS = ("none", "relatif", "cosine")
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,14 @@ class QueryConfig:
     checkpoint_batches: int | None = None
     """Save every this many batches instead of by time (None = by time)."""
 
+    normalize: str = "none"
+    """Rank by the raw score (none), by RelatIF score / √s(n) (relatif), or by the cosine
+    score / (‖P^{1/2}∇f_q‖ ‖P^{1/2}∇log p(z_n)‖) (cosine); s(n) = the sequence's self-influence.
+    The raw score is kept beside the normalised one."""
+
     def __post_init__(self) -> None:
+        _require(self.normalize in NORMALIZATIONS, "normalize",
+                 f"{self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")
         _require(self.rerank >= 0, "rerank", f"must be >= 0, got {self.rerank}")
         _require(self.checkpoint_seconds >= 0, "checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds}")
@@ -374,8 +382,56 @@ class ExportConfig:
         _require(self.top is None or self.top > 0, "export.top", "must be > 0 or null")
 
 
+@dataclass(frozen=True)
+class SelfInfluenceConfig:
+    """Self-influence s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) of every training sequence (a corpus audit)."""
+
+    batch_size: int = 8
+    """Training sequences per forward/backward."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    per_token: bool = False
+    """Also return s(n) split by position (Python API; the stage shades the top sequences' tokens)."""
+
+    compute_dtype: str = "float32"
+    """dtype of the whitening and squaring kernels."""
+
+    top: int = 20
+    """Highest and lowest sequences written to top.jsonl and the page."""
+
+    duplicate_candidates: int = 200
+    """Near-duplicate groups are searched among this many sequences of highest self-influence (0 = none)."""
+
+    duplicate_threshold: float = 0.9
+    """Two sequences are near-duplicates when the cosine of their P^{1/2}-whitened gradients is at least this."""
+
+    checkpoint_seconds: float = 300.0
+    """Save the pass's progress this often, so that a killed run resumes (0 = after every batch)."""
+
+    checkpoint_batches: int | None = None
+    """Save every this many batches instead of by time (None = by time)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "self_influence.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.num_workers >= 0, "self_influence.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.compute_dtype in DTYPES, "self_influence.compute_dtype",
+                 f"{self.compute_dtype!r} is not one of {DTYPES}")
+        _require(self.top > 0, "self_influence.top", f"must be > 0, got {self.top}")
+        _require(self.duplicate_candidates >= 0, "self_influence.duplicate_candidates",
+                 f"must be >= 0, got {self.duplicate_candidates}")
+        _require(-1 <= self.duplicate_threshold <= 1, "self_influence.duplicate_threshold",
+                 f"must be a cosine in [-1, 1], got {self.duplicate_threshold}")
+        _require(self.checkpoint_seconds >= 0, "self_influence.checkpoint_seconds",
+                 f"must be >= 0, got {self.checkpoint_seconds}")
+        _require(self.checkpoint_batches is None or self.checkpoint_batches > 0, "self_influence.checkpoint_batches",
+                 "must be > 0 or null")
+
+
 SECTIONS = {"model": ModelConfig, "corpus": CorpusConfig, "fit": FitConfig, "factors": FactorConfig,
-            "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig}
+            "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig,
+            "self_influence": SelfInfluenceConfig}
 
 
 @dataclass(frozen=True)
@@ -391,6 +447,7 @@ class RunConfig:
     queries: QueriesConfig = QueriesConfig()
     query: QueryConfig = QueryConfig()
     export: ExportConfig = ExportConfig()
+    self_influence: SelfInfluenceConfig = SelfInfluenceConfig()
 
     def to_dict(self) -> dict:
         return {"run": self.run, **{name: to_dict(getattr(self, name)) for name in SECTIONS}}

@@ -1,0 +1,242 @@
+"""Self-influence and near-duplicate groups: auditing a training corpus (docs/design.md §1).
+
+Shapes: N training sequences, B batch, T positions, I in-features (+1 bias), O out-features,
+C candidates, D whitened features. With DW_n = Σ_t g_t ā_tᵀ (g = ∂L/∂s; ∇log p(z_n) = −DW_n, and
+the sign cancels in every product below):
+
+    s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) = Σ_ℓ s_ℓ(n)          (self-influence, ≥ 0)
+    identity:   s_ℓ = ‖DW‖²             diagonal: s_ℓ = Σ DW² ⊘ (Λ + λ)
+    kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed)
+    exact:      s_ℓ = ⟨P(DW)_ℓ, DW_ℓ⟩, P the dense damped Gauss-Newton solve (layers coupled)
+    per token:  s_t(n) = Σ_ℓ g_tᵀ P(DW_n)_ℓ ā_t = Σ_ℓ (Q_Sᵀ g_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀ ā_t)
+
+These are the diagonal of `influence.compute_scores` of the training set against itself, where the
+measurement of sequence n is log p(z_n). The whitened gradient W_n = P^{1/2} DW_n (kfac/ekfac:
+R ⊘ √(Λ + λ) per layer; exact: L⁻¹ vec DW with L Lᵀ = G + diag(λ)) has ‖W_n‖² = s(n), and
+cos(n, m) = ⟨W_n, W_m⟩ / (‖W_n‖ ‖W_m‖) finds sequences whose gradients are almost parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .config import SelfInfluenceConfig
+from .factors import Factors, LayerFactors, check_factors_match, rotated_sequence_gradients, sequence_gradients
+from .model import TrackedLayer
+from .objectives import Objective
+from .passes import BatchCapture, capture_pass, evaluation_mode
+from .precondition import exact_inverse_product
+from .storage import PassCheckpoint
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "exact")
+_SKETCH = 256  # a whitened layer wider than _SKETCH² features is sketched to _SKETCH × _SKETCH for the cosines
+
+
+@dataclass
+class SelfInfluenceResult:
+    """s(n) of every training sequence, in data order: values [N], per_layer {layer: [N]}, per_token [N, T]."""
+
+    values: Tensor
+    per_layer: dict[str, Tensor]
+    per_token: Tensor | None = None
+    num_train_sequences: int = 0
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str) -> tuple[Tensor, Tensor | None]:
+    """(R_BOI, scale_OI): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I).
+
+    s_ℓ = Σ R² · scale and W = R · √scale. identity and diagonal work in the original basis.
+    """
+    if strategy in ("kfac", "ekfac"):
+        R_BOI = rotated_sequence_gradients(g_BTO, a_BTI, factors.QS_OO, factors.QA_II)
+        return R_BOI, 1 / (factors.lambda_OI + factors.damping)
+    DW_BOI = sequence_gradients(g_BTO, a_BTI)
+    if strategy == "identity":
+        return DW_BOI, None
+    if strategy == "diagonal":
+        return DW_BOI, 1 / (factors.lambda_OI + factors.damping)
+    raise ValueError(f"strategy {strategy!r} has no per-layer whitening; self-influence supports {', '.join(STRATEGIES)}")
+
+
+def layer_self_influence(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str, *,
+                         per_token: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(s_B, tokens_BT or None) of one layer: s = Σ R² ⊘ (Λ + λ), token t = (Q_Sᵀg_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀā_t)."""
+    R_BOI, scale_OI = layer_whitening(g_BTO, a_BTI, factors, strategy)
+    X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
+    s_B = (R_BOI * X_BOI).sum((1, 2))
+    if not per_token:
+        return s_B, None
+    if strategy in ("kfac", "ekfac"):
+        g_BTO, a_BTI = g_BTO @ factors.QS_OO, a_BTI @ factors.QA_II
+    return s_B, token_products(g_BTO, X_BOI, a_BTI)
+
+
+def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
+    """tokens_BT = g_tᵀ X_b ā_t."""
+    return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
+
+
+def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtype, *,
+                         per_token: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
+    """({layer: s_B}, tokens_BT or None) of one captured batch (on the CPU)."""
+    names = factors.layer_names
+    grads = {n: item.grads[n].to(dtype) for n in names}
+    acts = {n: item.acts[n].to(dtype) for n in names}
+    per_layer, tokens_BT = {}, None
+    if factors.strategy == "exact":
+        P = exact_inverse_product({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors)
+        for n in names:
+            DW_BOI = sequence_gradients(grads[n], acts[n])
+            per_layer[n] = (P[n].to(dtype) * DW_BOI).sum((1, 2)).cpu()
+            if per_token:
+                layer_BT = token_products(grads[n], P[n].to(dtype), acts[n])
+                tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
+    else:
+        for layer in factors.layers:
+            moved = layer.to(dtype, grads[layer.name].device)
+            s_B, layer_BT = layer_self_influence(grads[layer.name], acts[layer.name], moved, factors.strategy,
+                                                 per_token=per_token)
+            per_layer[layer.name] = s_B.cpu()
+            if layer_BT is not None:
+                tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
+    return per_layer, None if tokens_BT is None else tokens_BT.cpu()
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, objective: Objective,
+                   config: SelfInfluenceConfig = SelfInfluenceConfig(), *, show_progress: bool = True,
+                   checkpoint: PassCheckpoint | None = None) -> SelfInfluenceResult:
+    """s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) for every training sequence, per layer (and per token).
+
+    One pass with the real training loss; each process takes its share of the batches and the
+    results are merged, in data order, on every process. With `checkpoint` the pass saves this
+    process's finished batches now and then, and a rerun with the same checkpoint resumes after them.
+    """
+    layers = check_factors_match(factors, model)
+    if factors.strategy not in STRATEGIES:
+        raise ValueError(f"self-influence needs one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
+    dtype = getattr(torch, config.compute_dtype)
+    local, start = _restore(checkpoint, factors.layer_names)
+    with evaluation_mode(model):
+        for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
+                                 show_progress=show_progress, start=start):
+            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token)
+            if checkpoint is not None and checkpoint.due(item.index + 1):
+                _save(checkpoint, local, item.index + 1, factors.layer_names)
+    merged = distributed.gather_by_key(local)
+    if not merged:
+        raise ValueError("train_batches is empty: no training sequence to audit")
+    return _assemble(merged, factors.layer_names, factors.num_sequences)
+
+
+def _assemble(merged: dict, names: list[str], num_sequences: int) -> SelfInfluenceResult:
+    order = sorted(merged)
+    per_layer = {n: torch.cat([merged[i][0][n] for i in order]) for n in names}
+    values = sum(per_layer[n] for n in names)
+    per_token = None
+    if merged[order[0]][1] is not None:
+        width = max(merged[i][1].shape[1] for i in order)
+        per_token = torch.cat([nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[1])) for i in order])
+    return SelfInfluenceResult(values, per_layer, per_token, num_sequences)
+
+
+def _save(checkpoint: PassCheckpoint, local: dict, next_batch: int, names: list[str]) -> None:
+    """This process's finished batches: {batch}/{layer} = s_B (and {batch}/tokens), with the next batch to read."""
+    tensors = {f"{i}/{n}": per_layer[n] for i, (per_layer, _) in local.items() for n in names}
+    tensors.update({f"{i}/tokens": tokens for i, (_, tokens) in local.items() if tokens is not None})
+    checkpoint.save("self_influence", tensors, {"next_batch": next_batch, "batches": sorted(local)})
+
+
+def _restore(checkpoint: PassCheckpoint | None, names: list[str]) -> tuple[dict, int]:
+    state = checkpoint.load("self_influence") if checkpoint is not None else None
+    if state is None:
+        return {}, 0
+    tensors, meta = state
+    local = {i: ({n: tensors[f"{i}/{n}"] for n in names}, tensors.get(f"{i}/tokens")) for i in meta["batches"]}
+    distributed.print0(f"resuming self-influence at batch {meta['next_batch']} (saved progress)")
+    return local, meta["next_batch"]
+
+
+# ----------------------------------------------------------------------------- near-duplicates
+
+
+def whitened_gradients(model: nn.Module, factors: Factors, batches: Iterable, objective: Objective, *,
+                       dtype: torch.dtype = torch.float32, show_progress: bool = False) -> Tensor:
+    """W_CD = P^{1/2} DW_n of every sequence of `batches`, flattened over layers, in data order (‖W_n‖² = s(n)).
+
+    A layer wider than 256² features is sketched: W ↦ Ω_O W Ω_I with seeded Gaussian Ω (entries of
+    variance 1/256), which keeps inner products in expectation, so the [C, D] matrix stays small.
+    """
+    layers = check_factors_match(factors, model)
+    if factors.strategy not in STRATEGIES:
+        raise ValueError(f"near-duplicates need one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
+    local = {}
+    with evaluation_mode(model):
+        for item in capture_pass(model, layers, batches, objective, loss="real", desc="whitened gradients",
+                                 show_progress=show_progress):
+            local[item.index] = _whitened_batch(item, factors, dtype)
+    merged = distributed.gather_by_key(local)
+    return torch.cat([merged[i] for i in sorted(merged)])
+
+
+def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) -> Tensor:
+    names = factors.layer_names
+    grads = {n: item.grads[n].to(dtype) for n in names}
+    acts = {n: item.acts[n].to(dtype) for n in names}
+    if factors.strategy == "exact":  # ‖L⁻¹v‖² = vᵀ(LLᵀ)⁻¹v
+        V_BP = torch.cat([sequence_gradients(grads[n], acts[n]).flatten(1) for n in names], 1).double()
+        damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+        L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
+        return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T.to(dtype).cpu()
+    parts = []
+    for layer in factors.layers:
+        moved = layer.to(dtype, grads[layer.name].device)
+        R_BOI, scale_OI = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
+        W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
+        parts.append(_sketched(W_BOI, layer.name).flatten(1).cpu())
+    return torch.cat(parts, 1)
+
+
+def _sketched(W_BOI: Tensor, name: str) -> Tensor:
+    B, O, I = W_BOI.shape
+    if O * I <= _SKETCH * _SKETCH:
+        return W_BOI
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    omega_KO = torch.randn(_SKETCH, O, generator=generator, dtype=torch.float64) / _SKETCH**0.5
+    omega_IK = torch.randn(I, _SKETCH, generator=generator, dtype=torch.float64) / _SKETCH**0.5
+    return omega_KO.to(W_BOI) @ W_BOI @ omega_IK.to(W_BOI)
+
+
+def cosine_matrix(W_CD: Tensor) -> Tensor:
+    """cos_CC = ⟨W_n, W_m⟩ / (‖W_n‖ ‖W_m‖), in float64."""
+    W_CD = W_CD.double()
+    unit_CD = W_CD / W_CD.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return unit_CD @ unit_CD.T
+
+
+def duplicate_groups(cos_CC: Tensor, threshold: float) -> list[list[int]]:
+    """Connected groups (union-find over the pairs with cos ≥ threshold) of two or more; largest first."""
+    parent = list(range(cos_CC.shape[0]))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in torch.nonzero(torch.triu(cos_CC >= threshold, diagonal=1)).tolist():
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(parent)):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))

@@ -1,0 +1,138 @@
+"""Self-influence s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n), near-duplicate groups and the audit stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import ekfac_influence as ei
+from conftest import char_sequences, lm_batches
+from ekfac_influence import audit
+from ekfac_influence.storage import PassCheckpoint
+
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "exact"]
+
+
+@pytest.fixture(scope="module")
+def llama_factors():
+    """A trained 2-layer Llama, 12 training sequences of 20 characters in batches of 4, factors of every strategy."""
+    from conftest import _trained_llama_state, make_llama
+
+    model = make_llama()
+    model.load_state_dict(_trained_llama_state())
+    model.eval()
+    train = lm_batches(char_sequences(12, 20, offset=3), 4)
+    factors = {s: ei.fit_factors(model, train, ei.CausalLMObjective(), ei.FactorConfig(strategy=s, factor_dtype="float64"),
+                                 show_progress=False) for s in STRATEGIES}
+    return model, train, factors
+
+
+F64 = ei.SelfInfluenceConfig(compute_dtype="float64")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_self_influence_is_the_diagonal_of_the_training_set_scored_against_itself(llama_factors, strategy):
+    """The measurement of training sequence n as a query is log p(z_n) = −L(z_n): score(n, n) = s(n), layer by layer."""
+    model, train, factors = llama_factors
+    objective = ei.CausalLMObjective()
+    reference = ei.compute_scores(model, factors[strategy], train, train, objective,
+                                  ei.ScoreConfig(compute_dtype="float64"), show_progress=False)
+    result = ei.self_influence(model, factors[strategy], train, objective, F64, show_progress=False)
+    assert result.values.shape == (12,) and (result.values > 0).all()
+    assert_close(result.values, reference.scores.diagonal(), rtol=1e-8, atol=0)
+    for name, values in result.per_layer.items():
+        assert_close(values, reference.per_layer[name].diagonal(), rtol=1e-8, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "exact", "identity"])
+def test_per_token_self_influence_is_the_diagonal_of_the_per_token_scores(llama_factors, strategy):
+    model, train, factors = llama_factors
+    objective = ei.CausalLMObjective()
+    reference = ei.compute_scores(model, factors[strategy], train, train, objective,
+                                  ei.ScoreConfig(compute_dtype="float64", per_token=True), show_progress=False)
+    result = ei.self_influence(model, factors[strategy], train, objective,
+                               ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True), show_progress=False)
+    diagonal_NT = torch.stack([reference.per_token[n, n] for n in range(12)])
+    assert_close(result.per_token, diagonal_NT, rtol=1e-8, atol=1e-12)
+
+
+def test_exact_self_influence_of_a_digits_mlp_equals_the_dense_damped_gauss_newton_form(digits):
+    """s(n) = ∇fᵀ (G + diag(λ))⁻¹ ∇f with f = log p(y_n | x_n) and G = (1/N) Σ_n J_nᵀ (diag p − p pᵀ) J_n by autograd."""
+    model, train, _ = digits
+    train = train[:3]
+    objective = ei.ClassificationObjective()
+    factors = ei.fit_factors(model, train, objective, ei.FactorConfig(strategy="exact", factor_dtype="float64"),
+                             show_progress=False)
+    X = torch.cat([x for x, _ in train])
+    y = torch.cat([t for _, t in train])
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def logits(theta, x):
+        return torch.func.functional_call(model, theta, (x[None],))[0]
+
+    def flat(tree) -> torch.Tensor:  # per tracked layer [W | b] row-major, the factors' layout
+        parts = []
+        for i, m in enumerate(linears):
+            key = f"{list(model).index(m)}"
+            parts.append(torch.cat([tree[f"{key}.weight"], tree[f"{key}.bias"][..., None]], -1).flatten(-2))
+        return torch.cat(parts, -1)
+
+    J_NVP = flat(torch.func.vmap(torch.func.jacrev(logits), in_dims=(None, 0))(params, X))
+    p_NV = torch.softmax(torch.stack([logits(params, x) for x in X]), -1)
+    H_NVV = torch.diag_embed(p_NV) - p_NV[:, :, None] * p_NV[:, None, :]
+    G_PP = torch.einsum("nvp,nvw,nwq->pq", J_NVP, H_NVV, J_NVP) / len(X)
+    grad_NP = J_NVP[torch.arange(len(X)), y] - torch.einsum("nv,nvp->np", p_NV, J_NVP)  # ∇ log softmax_y
+    damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+    expected_N = (grad_NP * torch.linalg.solve(G_PP + torch.diag(damping_P), grad_NP.T).T).sum(1)
+    result = ei.self_influence(model, factors, train, objective, F64, show_progress=False)
+    assert_close(result.values, expected_N, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cosines_of_whitened_gradients_are_the_normalised_scores_between_training_sequences(llama_factors, strategy):
+    """cos(n, m) = score(n, m) / √(s(n) s(m)), score from `compute_scores` of the training set against itself."""
+    model, train, factors = llama_factors
+    objective = ei.CausalLMObjective()
+    S_NN = ei.compute_scores(model, factors[strategy], train, train, objective, ei.ScoreConfig(compute_dtype="float64"),
+                             show_progress=False).scores
+    W_ND = audit.whitened_gradients(model, factors[strategy], train, objective, dtype=torch.float64)
+    assert_close((W_ND * W_ND).sum(1), S_NN.diagonal(), rtol=1e-8, atol=0)
+    scale_N = S_NN.diagonal().sqrt()
+    assert_close(audit.cosine_matrix(W_ND), S_NN / scale_N[:, None] / scale_N[None], rtol=1e-7, atol=1e-9)
+
+
+def test_duplicate_groups_join_chains_of_pairs_above_the_threshold_and_drop_singletons():
+    cos = torch.eye(6, dtype=torch.float64)
+    for i, j, value in [(0, 3, 0.95), (3, 5, 0.91), (1, 2, 0.89), (2, 4, 0.99)]:
+        cos[i, j] = cos[j, i] = value
+    assert audit.duplicate_groups(cos, 0.9) == [[0, 3, 5], [2, 4]]
+    assert audit.duplicate_groups(cos, 0.999) == []
+
+
+def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupted_one(llama_factors, tmp_path, monkeypatch):
+    model, train, factors = llama_factors
+    objective = ei.CausalLMObjective()
+    whole = ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False)
+    checkpoint = PassCheckpoint(tmp_path, {"test": 1}, every_batches=1)
+    original, seen, killed = audit.batch_self_influence, [], []
+
+    def failing(item, *args, **kwargs):
+        seen.append(item.index)
+        if item.index == 2 and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")
+        return original(item, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "batch_self_influence", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False, checkpoint=checkpoint)
+    seen.clear()
+    resumed = ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False,
+                                checkpoint=PassCheckpoint(tmp_path, {"test": 1}, every_batches=1))
+    assert seen == [2]  # batches 0 and 1 came from the checkpoint
+    assert_close(resumed.values, whole.values, rtol=0, atol=0)
+    for name in whole.per_layer:
+        assert_close(resumed.per_layer[name], whole.per_layer[name], rtol=0, atol=0)
