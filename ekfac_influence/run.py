@@ -1,10 +1,10 @@
-"""The stages of a run directory (docs/design.md §4): fit, index, query, export. The CLI calls these.
+"""The stages of a run directory (docs/design.md §4): fit, index, query, export, self-influence. The CLI calls these.
 
     runs/<name>/
       manifest.json        model fingerprint, tokenizer, tracked layers, package versions, stages done
       config.<stage>.yaml  the resolved config each stage ran with
       corpus/              packed training sequences + provenance (made by the first stage that needs it)
-      factors/  index/  queries/<set>/
+      factors/  index/  queries/<set>/  self_influence/
 
 Every stage checks what it needs before any long work, reuses a finished stage that matches its
 config (a finished stage is never recomputed unless asked), and refuses to replace a different one
@@ -13,18 +13,23 @@ without `overwrite`. Under `accelerate launch` every process runs the stage; the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed
+from .audit import cosine_matrix, duplicate_groups, whitened_gradients
+from .audit import self_influence as compute_self_influence
+from .audit_report import group_record, sequence_record, write_audit
 from .config import RunConfig, save_run_config, to_dict
 from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
 from .data import tokenizer_id as tokenizer_hash
-from .factors import Factors
+from .factors import Factors, check_factors_match
 from .fit import check_exact_size, fit_factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
@@ -34,7 +39,7 @@ from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text
 from .version import __version__
 
-CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
+CORPUS, FACTORS, INDEX, QUERIES, SELF_INFLUENCE = "corpus", "factors", "index", "queries", "self_influence"
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -243,6 +248,75 @@ def export(config: RunConfig, *, overwrite: bool = False) -> dict:
         for kind, path in written.items():
             print(f"{kind}: {path}")
     return written
+
+
+def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Audit the corpus: s(n) of every training sequence, its extremes and near-duplicate groups, in <run>/self_influence/."""
+    run, section = Path(config.run), config.self_influence
+    check_writable(run)
+    require(run / FACTORS, "fit the factors", "fit")
+    out = run / SELF_INFLUENCE
+    if out.exists() and not overwrite:
+        raise StorageError(f"{out} already holds a self-influence audit; pass --overwrite to compute it again")
+    model, tokenizer = load_model(config)
+    factors = Factors.load(run / FACTORS)
+    check_factors_match(factors, model)  # FactorMismatchError before any pass
+    corpus = prepare_corpus(config, tokenizer, show_progress=show_progress)
+    key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
+           "batch_size": section.batch_size, "compute_dtype": section.compute_dtype}
+    checkpoint = PassCheckpoint(run / f".{SELF_INFLUENCE}.partial", key, every_batches=section.checkpoint_batches,
+                                every_seconds=section.checkpoint_seconds)
+    distributed.print0(f"self-influence of {len(corpus)} training sequences ({factors.strategy})")
+    started, objective = time.time(), CausalLMObjective()
+    result = compute_self_influence(model, factors, training_loader(corpus, section.batch_size, section.num_workers),
+                                    objective, section, show_progress=show_progress, checkpoint=checkpoint)
+    values_N = result.values.double().numpy()
+    order = np.argsort(-values_N, kind="stable")
+    candidates = order[: min(section.duplicate_candidates, len(order))]
+    groups, cos_CC = [], None
+    if len(candidates) > 1:
+        W_CD = whitened_gradients(model, factors, _subset_loader(corpus, candidates, section.batch_size), objective,
+                                  dtype=getattr(torch, section.compute_dtype))
+        cos_CC = cosine_matrix(W_CD)
+        groups = [[int(candidates[i]) for i in g] for g in duplicate_groups(cos_CC, section.duplicate_threshold)]
+    top = min(section.top, len(order))
+    shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
+    detail = compute_self_influence(model, factors, _subset_loader(corpus, shown, section.batch_size), objective,
+                                    dataclasses.replace(section, per_token=True), show_progress=False)
+    if distributed.is_main():
+        group_of = {n: g for g, members in enumerate(groups) for n in members}
+        position = {int(n): i for i, n in enumerate(candidates)}
+
+        def record(kind: str, rank: int, n: int) -> dict:
+            i = shown.index(n)
+            return sequence_record(kind, rank, n, float(values_N[n]), corpus, tokenizer,
+                                   per_layer={k: float(v[i]) for k, v in detail.per_layer.items()},
+                                   per_token=detail.per_token[i, : int(corpus.lengths_N[n])].tolist(), group=group_of.get(n))
+
+        def lowest_cosine(members: list[int]) -> float:
+            idx = [position[n] for n in members]
+            return float(cos_CC[idx][:, idx].min())
+
+        records = [record("highest", r + 1, int(n)) for r, n in enumerate(order[:top])]
+        records += [record("lowest", r + 1, int(n)) for r, n in enumerate(order[::-1][:top])]
+        records += [group_record(g, members, values_N, lowest_cosine(members), corpus, tokenizer)
+                    for g, members in enumerate(groups)]
+        manifest = {"kind": "ekfac_influence.self_influence", "version": __version__, "num_sequences": len(corpus),
+                    "fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
+                    "tokenizer_id": corpus.tokenizer_id, "layers": factors.layer_names,
+                    "duplicate_threshold": section.duplicate_threshold, "duplicate_candidates": len(candidates),
+                    "num_duplicate_groups": len(groups), "config": to_dict(section)}
+        write_audit(out, values_N, records, manifest, overwrite=overwrite)
+        checkpoint.clear()
+    distributed.barrier()
+    record_stage(config, "self_influence", {})
+    distributed.print0(f"self-influence of {len(corpus)} sequences, {len(groups)} near-duplicate groups, written to "
+                       f"{out} ({time.time() - started:.0f} s)")
+    return out
+
+
+def _subset_loader(corpus: PackedCorpus, ids, batch_size: int):
+    return torch.utils.data.DataLoader(PackedDataset(corpus, ids), batch_size=batch_size, shuffle=False)
 
 
 def print_summary(results, out: Path, shown: int = 3) -> None:

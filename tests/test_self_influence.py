@@ -136,3 +136,42 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
     assert_close(resumed.values, whole.values, rtol=0, atol=0)
     for name in whole.per_layer:
         assert_close(resumed.per_layer[name], whole.per_layer[name], rtol=0, atol=0)
+
+
+def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_another_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ekfac_influence.cli import main
+    from test_cli import make_project
+
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    overrides = ["--self_influence.top", "3", "--self_influence.duplicate_threshold", "0.5", "--quiet"]
+    assert main(["fit", "--config", "run.yaml", "--quiet"]) == 0
+    assert main(["self-influence", "--config", "run.yaml", *overrides]) == 0
+    out = tmp_path / "runs" / "tiny" / "self_influence"
+    manifest = json.loads((out / "manifest.json").read_text())
+    values_N = np.fromfile(out / "self_influence.f32", dtype=np.float32)
+    assert values_N.shape == (manifest["num_sequences"],) and (values_N > 0).all()
+    records = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
+    highest = [r for r in records if r["kind"] == "highest"]
+    assert [r["sequence"] for r in highest] == np.argsort(-values_N, kind="stable")[:3].tolist()
+    assert highest[0]["provenance"][0]["doc"] and highest[0]["text"]
+    assert sum(highest[0]["per_token"]) == pytest.approx(float(values_N[highest[0]["sequence"]]), rel=1e-4)
+    page = (out / "self_influence.html").read_text()
+    assert "<svg" in page and "<script" not in page and "default-src 'none'" in page
+    assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["self_influence"]
+    assert not (tmp_path / "runs" / "tiny" / ".self_influence.partial").exists()
+    capsys.readouterr()
+    assert main(["self-influence", "--config", "run.yaml", "--quiet"]) == 2  # finished: not recomputed silently
+    assert "--overwrite" in capsys.readouterr().err
+
+    torch.manual_seed(1)  # another model where the factors' model was
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    other.save_pretrained(tmp_path / "model")
+    assert main(["self-influence", "--config", "run.yaml", "--overwrite", "--quiet"]) == 2
+    assert "factors were fitted for another model" in capsys.readouterr().err
