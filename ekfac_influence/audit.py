@@ -240,3 +240,38 @@ def duplicate_groups(cos_CC: Tensor, threshold: float) -> list[list[int]]:
     for i in range(len(parent)):
         groups.setdefault(root(i), []).append(i)
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
+
+
+# ----------------------------------------------------------------------------- normalised rankings
+
+
+def preconditioned_norms(P: dict[str, Tensor], factors: Factors) -> Tensor:
+    """‖P^{1/2} v_q‖² = ⟨P(v_q), v_q⟩ per query, from x = P(v) alone (v = (G + λ) x), [Q] float64.
+
+    kfac/ekfac: Σ_ℓ Σ (Q_Sᵀ x Q_A)² ⊙ (Λ + λ); diagonal: Σ x² ⊙ (Λ + λ); identity: Σ x²;
+    exact: xᵀ (G + diag(λ)) x. Exact for x = P(v); for a refined x it is xᵀ P⁻¹ x of EK-FAC's P.
+    """
+    if factors.strategy == "exact":
+        x_QP = torch.cat([P[n].double().flatten(1) for n in factors.layer_names], 1)
+        damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+        return ((x_QP @ factors.ggn_PP.double().to(x_QP.device)) * x_QP).sum(1).cpu() + (x_QP**2 * damping_P.to(x_QP.device)).sum(1).cpu()
+    total = 0
+    for layer in factors.layers:
+        x_QOI = P[layer.name].double()
+        moved = layer.to(torch.float64, x_QOI.device)
+        if factors.strategy == "identity":
+            total = total + (x_QOI**2).sum((1, 2))
+            continue
+        if factors.strategy in ("kfac", "ekfac"):
+            x_QOI = moved.QS_OO.T @ x_QOI @ moved.QA_II
+        total = total + (x_QOI**2 * (moved.lambda_OI + moved.damping)).sum((1, 2))
+    return total.cpu()
+
+
+def normalized(score: float, self_value: float, query_value: float | None, kind: str) -> float:
+    """relatif: score / √s(n) (Barshan et al., 2020); cosine: score / (√(‖P^{1/2}∇f_q‖²) √s(n))."""
+    if kind == "relatif":
+        return score / max(self_value, 1e-300) ** 0.5
+    if kind == "cosine":
+        return score / (max(self_value, 1e-300) * max(query_value, 1e-300)) ** 0.5
+    raise ValueError(f"normalize: {kind!r} is not one of none, relatif, cosine")

@@ -253,9 +253,10 @@ def _resolved(item: EncodedQuery, generated: bool, logp: float) -> dict:
 
 def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorpus, tokenizer, num_train: int,
             config: QueryConfig, num_candidates: int) -> dict:
-    ranked = sorted(details.items(), key=lambda item: -item[1]["score"])
-    positive = [item for item in ranked if item[1]["score"] > 0][: config.top_k]
-    negative = [item for item in reversed(ranked) if item[1]["score"] < 0][: config.top_k]
+    key = "score" if config.normalize == "none" else "normalized_score"  # the raw score is kept either way
+    ranked = sorted(details.items(), key=lambda item: -item[1][key])
+    positive = [item for item in ranked if item[1][key] > 0][: config.top_k]
+    negative = [item for item in reversed(ranked) if item[1][key] < 0][: config.top_k]
 
     def hit(rank: int, n: int, detail: dict) -> dict:
         length = int(corpus.lengths_N[n])
@@ -264,9 +265,11 @@ def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorp
                 "spurious": is_spurious(detail["per_token"], config.spurious_threshold),
                 "per_layer": detail["per_layer"], "per_token": detail["per_token"],
                 "tokens": [tokenizer.decode([t]) for t in ids], "text": tokenizer.decode(ids),
-                "provenance": corpus.provenance[n]}
+                "provenance": corpus.provenance[n],
+                **({} if key == "score" else {"normalized_score": detail[key], "self_influence": detail["self_influence"]})}
 
-    return {"query": q, **resolved, "num_candidates": num_candidates,
+    ranking = {} if key == "score" else {"ranking": f"{config.normalize} (normalized_score ranks, score is raw)"}
+    return {"query": q, **resolved, "num_candidates": num_candidates, **ranking,
             "top_positive": [hit(r + 1, n, d) for r, (n, d) in enumerate(positive)],
             "top_negative": [hit(r + 1, n, d) for r, (n, d) in enumerate(negative)]}
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .config import QueryConfig
+from .audit import normalized, preconditioned_norms, self_influence
+from .config import QueryConfig, SelfInfluenceConfig
 from .data import EncodedQuery, PackedCorpus, PackedDataset, collate_query_rows, pad_token_id, query_rows
 from .factors import Factors
 from .influence import preconditioned_query_gradients, query_gradients, refined_inverse_product
@@ -197,26 +198,58 @@ def rescore(model, layers: list[TrackedLayer], factors: Factors, tokenizer, enco
     """
     per_query = sum(layer.num_params for layer in layers)
     step = len(encoded) if full is not None or dense is not None else max(1, _DENSE_BUDGET_ELEMENTS // per_query)
+    kind = config.normalize
+    count = config.rerank if kind == "none" else max(config.rerank, config.top_k)
+    self_values = None if kind == "none" else \
+        _self_influences(model, factors, corpus, {n for q in range(len(encoded)) for n in best.selected(q, count)},
+                         config, show_progress=show_progress)
     details: list[dict[int, dict]] = []
     for start in range(0, len(encoded), step):
         stop = min(len(encoded), start + step)
         rows = list(range(len(encoded))) if full is not None else list(range(start, stop))
-        if full is not None:
+        if full is not None and kind == "none":
             P = full
             finalists = {q: best.selected(q, config.top_k) for q in range(start, stop)}
         else:
-            P = {name: value[start:stop] for name, value in dense.items()} if dense is not None else \
-                preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop], config, rank=None)
-            rescored = _score_pairs(model, layers, P, rows, {q: best.selected(q, config.rerank) for q in range(start, stop)},
+            P = full if full is not None else {name: value[start:stop] for name, value in dense.items()} \
+                if dense is not None else preconditioned_queries(model, layers, factors, tokenizer, encoded[start:stop],
+                                                                 config, rank=None)
+            rescored = _score_pairs(model, layers, P, rows, {q: best.selected(q, count) for q in range(start, stop)},
                                     corpus, config, per_token=False, show_progress=show_progress)
-            finalists = {q: _finalists(scores, config.top_k) for q, scores in zip(range(start, stop), rescored)}
-        details += _score_pairs(model, layers, P, rows, finalists, corpus, config, per_token=True,
-                                show_progress=show_progress)
+            if kind != "none":
+                query_norms = preconditioned_norms(P, factors) if kind == "cosine" else None
+                for q, scores in zip(range(start, stop), rescored):
+                    _normalize(scores, self_values, None if query_norms is None else float(query_norms[rows.index(q)]), kind)
+            key = "score" if kind == "none" else "normalized_score"
+            finalists = {q: _finalists(scores, config.top_k, key) for q, scores in zip(range(start, stop), rescored)}
+        chunk = _score_pairs(model, layers, P, rows, finalists, corpus, config, per_token=True, show_progress=show_progress)
+        if kind != "none":
+            for scores, done in zip(rescored, chunk):
+                for n, entry in done.items():
+                    entry.update(normalized_score=scores[n]["normalized_score"], self_influence=scores[n]["self_influence"])
+        details += chunk
     return details
 
 
-def _finalists(scores: dict[int, dict], k: int) -> list[int]:
-    ranked = sorted(scores, key=lambda n: -scores[n]["score"])
+def _self_influences(model, factors: Factors, corpus: PackedCorpus, ids: set[int], config: QueryConfig, *,
+                     show_progress: bool) -> dict[int, float]:
+    """{n: s(n)} of the candidate sequences whose normalised scores rank the final top-k (one pass over them)."""
+    order = np.array(sorted(ids), dtype=np.int64)
+    loader = torch.utils.data.DataLoader(PackedDataset(corpus, order), batch_size=config.batch_size, shuffle=False)
+    result = self_influence(model, factors, loader, CausalLMObjective(),
+                            SelfInfluenceConfig(batch_size=config.batch_size, compute_dtype=config.compute_dtype),
+                            show_progress=show_progress)
+    return dict(zip(order.tolist(), result.values.double().tolist()))
+
+
+def _normalize(scores: dict[int, dict], self_values: dict[int, float], query_norm: float | None, kind: str) -> None:
+    for n, entry in scores.items():
+        entry["self_influence"] = self_values[n]
+        entry["normalized_score"] = normalized(entry["score"], self_values[n], query_norm, kind)
+
+
+def _finalists(scores: dict[int, dict], k: int, key: str = "score") -> list[int]:
+    ranked = sorted(scores, key=lambda n: -scores[n][key])
     return list(dict.fromkeys(ranked[:k] + ranked[::-1][:k]))
 
 

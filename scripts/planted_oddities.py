@@ -31,7 +31,7 @@ def planted_documents(documents: list[tuple[str, str]], tokenizer, seed: int = 0
     """(id, text) of the oddities: random bytes, 20 copies of one paragraph, German, shuffled tokens."""
     rng = random.Random(seed)
     planted = [(f"odd:random{i}", bytes(rng.randrange(256) for _ in range(60)).decode("latin-1")) for i in range(3)]
-    paragraph = documents[len(documents) // 2][1][:220]
+    paragraph = documents[len(documents) // 2][1][:120]  # one sequence of 64 tokens
     planted += [(f"odd:copy{i}", paragraph) for i in range(20)]
     planted.append(("odd:german", GERMAN))
     ids = tokenizer(documents[1][1][:300])["input_ids"]

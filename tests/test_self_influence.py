@@ -175,3 +175,46 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     other.save_pretrained(tmp_path / "model")
     assert main(["self-influence", "--config", "run.yaml", "--overwrite", "--quiet"]) == 2
     assert "factors were fitted for another model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["relatif", "cosine"])
+def test_normalised_query_rankings_divide_each_raw_score_by_the_self_influence_forms(kind):
+    """relatif = score / √s(n), cosine = score / (‖P^{1/2}∇f‖ √s(n)): checked against compute_scores of the queries
+    and the diagonal forms (the query's own ∇fᵀP∇f from scoring the query against itself)."""
+    from conftest import bpe_tokenizer, corpus_batches
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ekfac_influence.data import Query, collate_query_rows, encode_query, pack, pad_token_id, query_rows
+    from ekfac_influence.demo import pydoc_documents
+
+    tokenizer = bpe_tokenizer()
+    corpus = pack(pydoc_documents()[:2], tokenizer, length=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).double().eval()
+    train = corpus_batches(corpus, 8)
+    objective = ei.CausalLMObjective()
+    factors = ei.fit_factors(model, train, objective, ei.FactorConfig(factor_dtype="float64"), show_progress=False)
+    query = Query("The assert statement", " is a debugging aid", id="a")
+    config = ei.QueryConfig(rank=None, rerank=30, top_k=4, batch_size=8, compute_dtype="float64", normalize=kind)
+    record = ei.query_influence(model, tokenizer, factors, corpus, [query], config, show_progress=False).records[0]
+    rows, _ = query_rows([encode_query(tokenizer, query, max_length=64)])
+    batch = collate_query_rows(rows, pad_token_id(tokenizer))
+    raw_N = ei.compute_scores(model, factors, [batch], train, objective, ei.ScoreConfig(compute_dtype="float64"),
+                              show_progress=False).scores[0]
+    self_N = ei.self_influence(model, factors, train, objective, F64, show_progress=False).values
+    query_form = ei.compute_scores(model, factors, [batch], [batch], objective, ei.ScoreConfig(compute_dtype="float64"),
+                                   show_progress=False).scores[0, 0]
+    expected_N = raw_N / self_N.sqrt() / (query_form.sqrt() if kind == "cosine" else 1)
+    hits = record["top_positive"] + record["top_negative"]
+    assert record["ranking"].startswith(kind) and hits
+    for hit in hits:
+        assert hit["score"] == pytest.approx(float(raw_N[hit["sequence"]]), rel=1e-6)
+        assert hit["normalized_score"] == pytest.approx(float(expected_N[hit["sequence"]]), rel=1e-6)
+    # the normalised value re-ranks the scan's 30 best and 30 worst raw candidates
+    pool = set(torch.argsort(-raw_N)[:30].tolist()) | set(torch.argsort(raw_N)[:30].tolist())
+    best = sorted(pool, key=lambda n: -float(expected_N[n]))[:4]
+    assert [h["sequence"] for h in record["top_positive"]] == best
+    assert best != torch.argsort(-raw_N)[:4].tolist()  # the normalisation changed the ranking
+    if kind == "cosine":
+        assert all(abs(h["normalized_score"]) <= 1 + 1e-9 for h in hits)
