@@ -218,3 +218,52 @@ def test_normalised_query_rankings_divide_each_raw_score_by_the_self_influence_f
     assert best != torch.argsort(-raw_N)[:4].tolist()  # the normalisation changed the ranking
     if kind == "cosine":
         assert all(abs(h["normalized_score"]) <= 1 + 1e-9 for h in hits)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_self_influence_and_whitened_gradients_of_one(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_distributed import run_alone_and_on_two_processes
+
+    worker = __import__("pathlib").Path(__file__).parent / "workers" / "distributed_self_influence.py"
+    run_alone_and_on_two_processes(worker, tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert int(one["world"]) == 1 and int(two["world"]) == 2
+    assert one["values"].shape == (28,)
+    for key, value in one.items():
+        if key not in ("world", "whitened"):
+            assert_close(two[key], value, rtol=1e-10, atol=1e-14, msg=key)
+    # each fit's eigh may flip an eigenvector's sign: the basis-free inner products must agree
+    assert_close(two["whitened"] @ two["whitened"].T, one["whitened"] @ one["whitened"].T, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_planted_oddities_in_the_quick_demo_corpus_rank_where_measured():
+    """Random bytes, 20 copies of a paragraph, German, shuffled tokens planted in the quick demo's corpus.
+
+    What holds on the quick demo model (1 epoch, loss 5.9: barely past unigram statistics), measured
+    with scripts/planted_oddities.py --quick and recorded in docs/self_influence.md: every random-byte
+    sequence ranks in the top 20% and their mean s(n) is > 5× the median; the copies, German and
+    shuffled text do NOT reach the top 5% (s(n) there grows mostly with the number of real tokens),
+    so the copies are outside the 200 duplicate candidates. Identical copies whitened alike (cos = 1)
+    is checked on its own below, so a group forms whenever they are candidates.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("planted", Path(__file__).parents[1] / "scripts" / "planted_oddities.py")
+    planted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planted)
+    found = planted.audit_planted(planted.DemoConfig.quick())
+    assert max(found["percentile"]["random"]) <= 20
+    assert min(found["mean_s"]["random"] / found["median_s"], 99) > 5
+
+
+def test_identical_sequences_have_whitened_cosine_one_and_form_one_group(llama_factors):
+    model, train, factors = llama_factors
+    ids = train[0]["input_ids"]
+    copies = [{"input_ids": ids[[0, 1, 0, 2, 0]], "attention_mask": torch.ones(5, ids.shape[1], dtype=torch.long),
+               "labels": ids[[0, 1, 0, 2, 0]]}]
+    W_CD = audit.whitened_gradients(model, factors["ekfac"], copies, ei.CausalLMObjective(), dtype=torch.float64)
+    assert audit.duplicate_groups(audit.cosine_matrix(W_CD), 0.9) == [[0, 2, 4]]
