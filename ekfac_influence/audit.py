@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from . import distributed
 from .config import SelfInfluenceConfig
 from .factors import Factors, LayerFactors, check_factors_match, rotated_sequence_gradients, sequence_gradients
-from .model import TrackedLayer
 from .objectives import Objective
 from .passes import BatchCapture, capture_pass, evaluation_mode
 from .precondition import exact_inverse_product

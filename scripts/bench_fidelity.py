@@ -112,7 +112,7 @@ def main() -> None:
             error = statistics.stdev(values) / len(values) ** 0.5
             print(f"  ekfac over {args.seeds} label seeds: {statistics.mean(values):.4f} ± {error:.4f}")
         if args.damping:
-            print(f"  damping_factor sweep (exact influence at the same damping): ekfac | + 3 steps | + 10 steps")
+            print("  damping_factor sweep (exact influence at the same damping): ekfac | + 3 steps | + 10 steps")
             for factor in (0.001, 0.01, 0.1, 1.0):
                 chosen = [v for v in variants(factor) if v[0] in ("ekfac", "ekfac + 3 refinement steps",
                                                                    "ekfac + 10 refinement steps")]
