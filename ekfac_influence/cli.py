@@ -5,6 +5,7 @@
     ekfac-influence index  --config run.yaml
     ekfac-influence query  --config run.yaml --queries.file queries.jsonl   (or --prompt ... --completion ...)
     ekfac-influence export --config run.yaml
+    ekfac-influence evaluate --config run.yaml            # LDS and planted-fact recall per strategy (docs/accuracy.md)
 
 Every `--section.key` option overrides one field of the YAML config; `--help` lists them with the
 field docs. A user's mistake ends with one line on stderr and exit status 2, never a traceback.
@@ -23,6 +24,8 @@ STAGES = {
     "index": ("build the BM25 shortlist index over the packed corpus", ("run", "model", "corpus", "index")),
     "query": ("score training sequences for prompt/completion queries", ("run", "model", "queries", "query")),
     "export": ("write the review report (JSONL, CSV, HTML) of a query set", ("run", "queries", "export")),
+    "evaluate": ("measure accuracy: LDS against retrained models and planted-fact recall, per strategy",
+                 ("run", "model", "corpus", "queries", "factors", "evaluate")),
     "demo": ("train a small LM on Python's documentation and explain its completions (no arguments needed)",
              ("run", "factors", "index", "query", "export")),
 }
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Which training sequences made this language model produce this completion? "
         "EK-FAC influence functions (Grosse et al., 2023)."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{fit,index,query,export,demo}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{fit,index,query,export,evaluate,demo}")
     for name, (help_text, sections) in STAGES.items():
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             run.query(config, queries, overwrite=args.overwrite, show_progress=show)
         elif args.command == "export":
             run.export(config, overwrite=args.overwrite)
+        elif args.command == "evaluate":
+            run.evaluate(config, overwrite=args.overwrite, show_progress=show)
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -319,8 +319,135 @@ class ExportConfig:
         _require(self.top is None or self.top > 0, "export.top", "must be > 0 or null")
 
 
+
+MEASUREMENTS = ("lds", "planted")
+INITS = ("scratch", "model")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How far to trust the scores on this setup: LDS against retrained models, planted-fact recall, per variant."""
+
+    measurements: tuple[str, ...] = ("lds", "planted")
+    """Which measurements to run: lds (linear datamodeling score), planted (planted-fact recall), or both."""
+
+    variants: tuple = ("identity", "diagonal", "kfac", "ekfac")
+    """Influence variants scored against the same retrained models: strategy names, or mappings {name, strategy,
+    <any FactorConfig or ScoreConfig field>: value} such as {name: ekfac-d1e-3, strategy: ekfac, damping: 0.001};
+    the factors section is their base."""
+
+    num_subsets: int = 32
+    """LDS: random subsets S_m of the training sequences, each retrained (subset m is drawn from (seed, m))."""
+
+    fraction: float = 0.5
+    """LDS: share α of the training sequences each subset keeps."""
+
+    seed: int = 0
+    """Seed of the subset draws, the held-out queries and the invented facts."""
+
+    retrain_seeds: int = 1
+    """LDS: models trained per subset, with seeds 0 .. retrain_seeds-1, their f averaged; with 1, every subset is
+    trained with the reference model's seed: the same initialisation and data order minus the removed sequences."""
+
+    heldout_queries: int = 16
+    """LDS (CLI): packed sequences held out of training and used as queries (prompt = the first half of their
+    tokens, completion = the rest), besides queries.file; 0 = the queries of queries.file only."""
+
+    init: str = "scratch"
+    """LDS (CLI): every model, the reference included, starts from weights drawn anew for the model's architecture
+    (scratch) or from the model's own weights (model: fine-tuning, for a pretrained model)."""
+
+    epochs: int = 8
+    """LDS (CLI): epochs of the built-in trainer (AdamW, one-cycle learning rate, the demo's)."""
+
+    batch_size: int = 32
+    """LDS and planted (CLI): sequences per training step."""
+
+    learning_rate: float = 2e-3
+    """LDS (CLI): peak learning rate of the built-in trainer."""
+
+    weight_decay: float = 0.0
+    """LDS (CLI): AdamW weight decay of the built-in trainer."""
+
+    planted_facts: int = 8
+    """Planted: invented facts ("Quenthia's national animal is the violet snow heron"), each stated by one
+    synthetic document added to a copy of the corpus."""
+
+    planted_steps: int | None = None
+    """Planted: AdamW steps fine-tuning a copy of the model on the corpus with the planted documents; None = one
+    epoch (every planted document seen once)."""
+
+    planted_learning_rate: float = 1e-3
+    """Planted: peak learning rate of that fine-tuning."""
+
+    recall_k: tuple[int, ...] = (1, 10, 100)
+    """Planted: recall@k of the planted sequences is reported for these k, with the mean reciprocal rank."""
+
+    shortlist_k: int = 1000
+    """Planted: candidates per fact in the BM25 shortlist of the "with shortlist" columns."""
+
+    score_batch_size: int = 32
+    """Training sequences per forward/backward while fitting and scoring."""
+
+    def __post_init__(self) -> None:
+        measurements = tuple(self.measurements) if isinstance(self.measurements, (list, tuple)) else (self.measurements,)
+        object.__setattr__(self, "measurements", measurements)
+        bad = [m for m in measurements if m not in MEASUREMENTS]
+        _require(bool(measurements) and not bad, "evaluate.measurements",
+                 f"{list(bad or measurements)} not among {', '.join(MEASUREMENTS)}")
+        object.__setattr__(self, "variants", check_variant_entries(self.variants, "evaluate.variants"))
+        _require(self.num_subsets >= 2, "evaluate.num_subsets", f"must be >= 2 (Spearman needs two), got {self.num_subsets}")
+        _require(0 < self.fraction < 1, "evaluate.fraction", f"must be in (0, 1), got {self.fraction}")
+        _require(self.retrain_seeds >= 1, "evaluate.retrain_seeds", f"must be >= 1, got {self.retrain_seeds}")
+        _require(self.heldout_queries >= 0, "evaluate.heldout_queries", f"must be >= 0, got {self.heldout_queries}")
+        _require(self.init in INITS, "evaluate.init", f"{self.init!r} is not one of {', '.join(INITS)}")
+        for name in ("epochs", "batch_size", "planted_facts", "shortlist_k", "score_batch_size"):
+            _require(getattr(self, name) > 0, f"evaluate.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "planted_learning_rate"):
+            _require(getattr(self, name) > 0, f"evaluate.{name}", f"must be > 0, got {getattr(self, name)}")
+        _require(self.weight_decay >= 0, "evaluate.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.planted_steps is None or self.planted_steps > 0, "evaluate.planted_steps", "must be > 0 or null")
+        ks = tuple(self.recall_k) if isinstance(self.recall_k, (list, tuple)) else (self.recall_k,)
+        _require(bool(ks) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks),
+                 "evaluate.recall_k", f"must be a list of positive integers, got {list(ks)}")
+        object.__setattr__(self, "recall_k", ks)
+
+
+def check_variant_entries(entries, field: str) -> tuple:
+    """Variant entries as a tuple: strategy names, or mappings {name, strategy, <FactorConfig/ScoreConfig field>: ...}."""
+    entries = (entries,) if isinstance(entries, (str, dict)) else entries
+    _require(isinstance(entries, (list, tuple)) and len(entries) > 0, field,
+             f"give a non-empty list of strategy names or mappings, got {entries!r}")
+    allowed = {f.name for f in dataclasses.fields(FactorConfig)} | {f.name for f in dataclasses.fields(ScoreConfig)}
+    names = []
+    for i, entry in enumerate(entries):
+        where = f"{field}[{i}]"
+        if isinstance(entry, str):
+            _require(entry in STRATEGIES, where, f"{entry!r} is not one of {', '.join(STRATEGIES)} (or give a mapping "
+                                                 f"{{name: ..., strategy: ..., <field>: ...}})")
+            names.append(entry)
+            continue
+        _require(isinstance(entry, dict), where, f"expected a strategy name or a mapping, got {entry!r}")
+        _require(isinstance(entry.get("name"), str) and bool(entry.get("name")), where,
+                 "a mapping needs a name (e.g. {name: ekfac-d1e-3, strategy: ekfac, damping: 0.001})")
+        unknown = sorted(set(entry) - allowed - {"name"})
+        _require(not unknown, where, f"unknown field(s) {', '.join(unknown)}{_did_you_mean(unknown[0], sorted(allowed)) if unknown else ''}; "
+                                     f"fields of FactorConfig and ScoreConfig are allowed")
+        factor_names = {f.name for f in dataclasses.fields(FactorConfig)}
+        try:
+            FactorConfig(**{k: v for k, v in entry.items() if k in factor_names})
+            ScoreConfig(**{k: v for k, v in entry.items() if k in allowed - factor_names})
+        except (ConfigError, TypeError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+        names.append(entry["name"])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _require(not repeated, field, f"variant names repeat ({', '.join(repeated)}); give each mapping its own name")
+    return tuple(entries)
+
+
 SECTIONS = {"model": ModelConfig, "corpus": CorpusConfig, "fit": FitConfig, "factors": FactorConfig,
-            "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig}
+            "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig,
+            "evaluate": EvaluateConfig}
 
 
 @dataclass(frozen=True)
@@ -336,6 +463,7 @@ class RunConfig:
     queries: QueriesConfig = QueriesConfig()
     query: QueryConfig = QueryConfig()
     export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def to_dict(self) -> dict:
         return {"run": self.run, **{name: to_dict(getattr(self, name)) for name in SECTIONS}}

@@ -1,10 +1,11 @@
-"""The stages of a run directory (docs/design.md §4): fit, index, query, export. The CLI calls these.
+"""The stages of a run directory (docs/design.md §4): fit, index, query, export, evaluate. The CLI calls these.
 
     runs/<name>/
       manifest.json        model fingerprint, tokenizer, tracked layers, package versions, stages done
       config.<stage>.yaml  the resolved config each stage ran with
       corpus/              packed training sequences + provenance (made by the first stage that needs it)
       factors/  index/  queries/<set>/
+      evaluation/          evaluation.json, evaluation.html; lds/: the reference and retrained models' measurements
 
 Every stage checks what it needs before any long work, reuses a finished stage that matches its
 config (a finished stage is never recomputed unless asked), and refuses to replace a different one
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import RunConfig, save_run_config, to_dict
+from .config import ConfigError, RunConfig, save_run_config, to_dict
 from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
 from .data import tokenizer_id as tokenizer_hash
+from .evaluate import evaluate_lm
 from .factors import Factors
 from .fit import check_exact_size, fit_factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
@@ -32,9 +34,10 @@ from .query import query_influence
 from .report import export_report
 from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .variants import variants_from_config
 from .version import __version__
 
-CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
+CORPUS, FACTORS, INDEX, QUERIES, EVALUATION = "corpus", "factors", "index", "queries", "evaluation"
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -243,6 +246,28 @@ def export(config: RunConfig, *, overwrite: bool = False) -> dict:
         for kind, path in written.items():
             print(f"{kind}: {path}")
     return written
+
+
+def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """LDS against retrained models and planted-fact recall, per variant; the table in <run>/evaluation/.
+
+    Retrained subsets are kept as they finish, so a rerun resumes, and adding a variant retrains
+    nothing; `overwrite` measures everything again.
+    """
+    if distributed.world() > 1:
+        raise ConfigError("evaluate runs on one process: run it without accelerate launch / torchrun")
+    check_writable(config.run)
+    variants = variants_from_config(config.evaluate.variants, config.factors)
+    queries = read_queries(config.queries.file) if config.queries.file else []
+    model, tokenizer = load_model(config)
+    select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before any training
+    corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
+    print(f"evaluating {', '.join(v.name for v in variants)} on {len(corpus)} sequences: "
+          f"{' and '.join(config.evaluate.measurements)}")
+    results = evaluate_lm(model, tokenizer, corpus, queries, variants, config.evaluate,
+                          out=Path(config.run) / EVALUATION, overwrite=overwrite, show_progress=show_progress)
+    record_stage(config, "evaluate", {})
+    return results
 
 
 def print_summary(results, out: Path, shown: int = 3) -> None:
