@@ -131,7 +131,7 @@ def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite:
     _claim(out, overwrite)
     started, timings = time.time(), {}
 
-    documents = _demo_documents(sizes)
+    documents = demo_documents(sizes)
     if distributed.is_main():
         write_lines(Path(config.corpus.path), [{"topic": topic, "text": text} for topic, text in documents])
         write_lines(Path(config.queries.file), [{"id": q, "prompt": p, "completion": c} for q, p, c, _ in QUERIES])
@@ -179,7 +179,8 @@ def _claim(out: Path, overwrite: bool) -> None:
     distributed.barrier()
 
 
-def _demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:
+def demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:
+    """The demo's (topic, text) documents: all 79, or the queries' topics and the first others up to `sizes.topics`."""
     documents = pydoc_documents()
     if sizes.topics is None:
         return documents

@@ -170,6 +170,7 @@ class LDSResult:
     """LDS per variant: per-query values [Q], their mean ± SE; the measurements they were computed from."""
 
     per_query: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]  # score(q, n) of each variant, [Q, N], on the model trained on every sequence
     skipped: dict[str, str]
     f_MRQ: np.ndarray  # f of every retrained model
     subsets_MN: np.ndarray
@@ -223,5 +224,6 @@ def linear_datamodeling_score(model: nn.Module, train_batches: Iterable, query_b
                                               retrain_seeds=config.retrain_seeds, cache=RetrainCache(cache_dir, key),
                                               show_progress=show_progress)
     f_MQ = f_MRQ.mean(axis=1)
-    per_query = {name: lds_per_query(scores_QN.numpy(), subsets_MN, f_MQ) for name, scores_QN in scores.items()}
-    return LDSResult(per_query, skipped, f_MRQ, subsets_MN, retrained, config.fraction)
+    scores = {name: scores_QN.numpy() for name, scores_QN in scores.items()}
+    per_query = {name: lds_per_query(scores_QN, subsets_MN, f_MQ) for name, scores_QN in scores.items()}
+    return LDSResult(per_query, scores, skipped, f_MRQ, subsets_MN, retrained, config.fraction)
