@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from conftest import bpe_tokenizer, corpus_batches, make_mlp, train_lm
+from conftest import bpe_tokenizer, make_mlp, train_lm
 from ekfac_influence.cli import main
 from ekfac_influence.config import ConfigError, EvaluateConfig, load_run_config
 from ekfac_influence.data import pack
