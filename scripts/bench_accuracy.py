@@ -18,7 +18,7 @@ questions and 32 held-out sequences, plants 16 invented facts and fine-tunes on 
 The full-size demo LM (1.1M parameters, 79 topics) takes about 9 minutes per training on the shared
 2-core machine this was measured on, so 30-40 minutes would hold only 4 retrained models.
 
-    python scripts/bench_accuracy.py digits          # about 8 minutes on one core
+    python scripts/bench_accuracy.py digits          # about 18 minutes on one shared core (200 retrainings)
     python scripts/bench_accuracy.py lm --subsets 128  # about 30 minutes on one core
     python scripts/bench_accuracy.py lm --measurements planted --planted-steps 240 --planted-lr 2e-3 \
         --out runs/accuracy-tuned                      # the facts learned harder
