@@ -6,6 +6,7 @@
     ekfac-influence query  --config run.yaml --queries.file queries.jsonl   (or --prompt ... --completion ...)
     ekfac-influence export --config run.yaml
     ekfac-influence self-influence --config run.yaml       # audit the corpus: outliers, near-duplicates
+    ekfac-influence evaluate --config run.yaml            # LDS and planted-fact recall per strategy (docs/accuracy.md)
 
 Every `--section.key` option overrides one field of the YAML config; `--help` lists them with the
 field docs. A user's mistake ends with one line on stderr and exit status 2, never a traceback.
@@ -26,13 +27,16 @@ STAGES = {
     "export": ("write the review report (JSONL, CSV, HTML) of a query set", ("run", "queries", "export")),
     "self-influence": ("audit the corpus: self-influence of every training sequence, outliers, near-duplicate groups",
                        ("run", "model", "corpus", "self_influence")),
+    "evaluate": ("measure accuracy: LDS against retrained models and planted-fact recall, per strategy",
+                 ("run", "model", "corpus", "queries", "factors", "evaluate")),
     "demo": ("train a small LM on Python's documentation and explain its completions (no arguments needed)",
              ("run", "factors", "index", "query", "export")),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SECTIONS, field_docs
+    from .config import field_docs
+    from .run_config import SECTIONS
 
     parser = argparse.ArgumentParser(prog="ekfac-influence", description=(
         "Which training sequences made this language model produce this completion? "
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     from . import distributed
-    from .config import ConfigError, load_run_config
+    from .config import ConfigError
+    from .run_config import load_run_config
     from .data import DataError, Query
     from .model import LayerSelectionError, ModelLoadError
     from .factors import FactorMismatchError
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             run.export(config, overwrite=args.overwrite)
         elif args.command == "self-influence":
             run.self_influence(config, overwrite=args.overwrite, show_progress=show)
+        elif args.command == "evaluate":
+            run.evaluate(config, overwrite=args.overwrite, show_progress=show)
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -1,6 +1,9 @@
-"""One frozen dataclass per stage; `__post_init__` names the bad field.
+"""The engine's settings: one frozen dataclass per computation; `__post_init__` names the bad field.
 
-Each field's docstring (the string literal under it) is the help text for the CLI.
+FactorConfig (fit_factors), ScoreConfig (compute_scores), QueryConfig (query_influence),
+SelfInfluenceConfig (self_influence), EvaluateConfig (the evaluation harness), and the dataclass ↔
+dict conversion every manifest uses. The run directory's other sections and the YAML file are
+`run_config`'s. Each field's docstring (the string literal under it) is the help text for the CLI.
 """
 
 from __future__ import annotations
@@ -248,141 +251,6 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The causal LM being explained."""
-
-    path: str = ""
-    """A save_pretrained directory or a .gguf file (never downloaded)."""
-
-    dtype: str = "float32"
-    """dtype the weights are loaded in: float32, bfloat16 or float16."""
-
-    device: str = "auto"
-    """cpu, cuda, cuda:1, ... or auto (the process's GPU when there is one, else cpu)."""
-
-    fsdp: bool = False
-    """Shard the weights over the processes with FSDP2, one unit per transformer block (for models
-    too large for one GPU); results are those of the unsharded model."""
-
-    def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype",
-                 f"{self.dtype!r} is not one of float32, float64, bfloat16, float16")
-        if self.device != "auto":
-            import torch
-
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ConfigError(f"model.device: {self.device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-
-
-@dataclass(frozen=True)
-class CorpusConfig:
-    """The training corpus: read with `datasets`, packed into fixed-length sequences."""
-
-    path: str = ""
-    """A JSONL, text, parquet or CSV file, a directory of such files, or a save_to_disk directory."""
-
-    text_column: str = "text"
-    """Column holding each document's text."""
-
-    id_column: str | None = None
-    """Column naming each document in provenance; None = the row number."""
-
-    split: str = "train"
-    """Split of a saved DatasetDict."""
-
-    length: int = 512
-    """Tokens per packed training sequence."""
-
-    separate_documents: bool = False
-    """Start every document in a new sequence (its last one padded) instead of packing documents end to end."""
-
-    max_documents: int | None = None
-    """Read only the first documents (a quick trial); None = all."""
-
-    def __post_init__(self) -> None:
-        _require(self.length >= 2, "corpus.length", f"must be at least 2, got {self.length}")
-        _require(self.max_documents is None or self.max_documents > 0, "corpus.max_documents", "must be > 0 or null")
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """How the fit stage feeds training sequences (the factors themselves do not depend on it)."""
-
-    batch_size: int = 8
-    """Training sequences per forward/backward."""
-
-    num_workers: int = 0
-    """DataLoader worker processes."""
-
-    checkpoint_seconds: float = 300.0
-    """Save the passes' partial sums this often, so that a killed fit resumes (0 = after every batch)."""
-
-    checkpoint_batches: int | None = None
-    """Save every this many batches instead of by time (None = by time)."""
-
-    def __post_init__(self) -> None:
-        _require(self.batch_size > 0, "fit.batch_size", f"must be > 0, got {self.batch_size}")
-        _require(self.checkpoint_seconds >= 0, "fit.checkpoint_seconds", f"must be >= 0, got {self.checkpoint_seconds}")
-        _require(self.checkpoint_batches is None or self.checkpoint_batches > 0, "fit.checkpoint_batches",
-                 "must be > 0 or null")
-        _require(self.num_workers >= 0, "fit.num_workers", f"must be >= 0, got {self.num_workers}")
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """The lexical shortlist index over the packed training sequences."""
-
-    weighting: str = "bm25"
-    """bm25 (the paper's modified BM25 with binary term presence) or tfidf (scikit-learn's weighting)."""
-
-    k1: float = 1.5
-    """BM25's k1."""
-
-    chunk_size: int = 2048
-    """Sequences read per step while the index is built (memory, not results)."""
-
-    def __post_init__(self) -> None:
-        _require(self.weighting in ("bm25", "tfidf"), "index.weighting", f"{self.weighting!r} is not bm25 or tfidf")
-        _require(self.k1 > 0, "index.k1", f"must be > 0, got {self.k1}")
-        _require(self.chunk_size > 0, "index.chunk_size", f"must be > 0, got {self.chunk_size}")
-
-
-@dataclass(frozen=True)
-class QueriesConfig:
-    """Which queries the query stage answers, and under which name their results are kept."""
-
-    file: str | None = None
-    """JSONL of {"prompt", "completion"} (optional "contrast", "id"); or give --prompt/--completion."""
-
-    name: str = "default"
-    """The query set's directory under <run>/queries/."""
-
-    def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "queries.name",
-                 f"{self.name!r} is not a usable directory name")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """The review report written from a query set's results."""
-
-    formats: tuple[str, ...] = ("jsonl", "csv", "html")
-    """Any of jsonl, csv, html."""
-
-    top: int | None = None
-    """Sequences per side (positive, negative) in the report; None = all that were kept."""
-
-    def __post_init__(self) -> None:
-        formats = tuple(self.formats) if isinstance(self.formats, (list, tuple)) else (self.formats,)
-        object.__setattr__(self, "formats", formats)
-        bad = [f for f in formats if f not in ("jsonl", "csv", "html")]
-        _require(not bad and formats, "export.formats", f"{bad or formats} not among jsonl, csv, html")
-        _require(self.top is None or self.top > 0, "export.top", "must be > 0 or null")
-
-
-@dataclass(frozen=True)
 class SelfInfluenceConfig:
     """Self-influence s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) of every training sequence (a corpus audit)."""
 
@@ -429,60 +297,133 @@ class SelfInfluenceConfig:
                  "must be > 0 or null")
 
 
-SECTIONS = {"model": ModelConfig, "corpus": CorpusConfig, "fit": FitConfig, "factors": FactorConfig,
-            "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig,
-            "self_influence": SelfInfluenceConfig}
+MEASUREMENTS = ("lds", "planted")
+INITS = ("scratch", "model")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything a run directory's stages need; each stage reads its own sections."""
+class EvaluateConfig:
+    """How far to trust the scores on this setup: LDS against retrained models, planted-fact recall, per variant."""
 
-    run: str = "runs/default"
-    model: ModelConfig = ModelConfig()
-    corpus: CorpusConfig = CorpusConfig()
-    fit: FitConfig = FitConfig()
-    factors: FactorConfig = FactorConfig()
-    index: IndexConfig = IndexConfig()
-    queries: QueriesConfig = QueriesConfig()
-    query: QueryConfig = QueryConfig()
-    export: ExportConfig = ExportConfig()
-    self_influence: SelfInfluenceConfig = SelfInfluenceConfig()
+    measurements: tuple[str, ...] = ("lds", "planted")
+    """Which measurements to run: lds (linear datamodeling score), planted (planted-fact recall), or both."""
 
-    def to_dict(self) -> dict:
-        return {"run": self.run, **{name: to_dict(getattr(self, name)) for name in SECTIONS}}
+    variants: tuple = ("identity", "diagonal", "kfac", "ekfac")
+    """Influence variants scored against the same retrained models: strategy names, or mappings {name, strategy,
+    <any FactorConfig or ScoreConfig field>: value} such as {name: ekfac-d1e-3, strategy: ekfac, damping: 0.001};
+    the factors section is their base."""
+
+    num_subsets: int = 32
+    """LDS: random subsets S_m of the training sequences, each retrained (subset m is drawn from (seed, m))."""
+
+    fraction: float = 0.5
+    """LDS: share α of the training sequences each subset keeps."""
+
+    seed: int = 0
+    """Seed of the subset draws, the held-out queries and the invented facts."""
+
+    retrain_seeds: int = 1
+    """LDS: models trained per subset, with seeds 0 .. retrain_seeds-1, their f averaged; with 1, every subset is
+    trained with the reference model's seed: the same initialisation and data order minus the removed sequences."""
+
+    heldout_queries: int = 16
+    """LDS (CLI): packed sequences held out of training and used as queries (prompt = the first half of their
+    tokens, completion = the rest), besides queries.file; 0 = the queries of queries.file only."""
+
+    init: str = "scratch"
+    """LDS (CLI): every model, the reference included, starts from weights drawn anew for the model's architecture
+    (scratch) or from the model's own weights (model: fine-tuning, for a pretrained model)."""
+
+    epochs: int = 8
+    """LDS (CLI): epochs of the built-in trainer (AdamW, one-cycle learning rate, the demo's)."""
+
+    batch_size: int = 32
+    """LDS and planted (CLI): sequences per training step."""
+
+    learning_rate: float = 2e-3
+    """LDS (CLI): peak learning rate of the built-in trainer."""
+
+    weight_decay: float = 0.0
+    """LDS (CLI): AdamW weight decay of the built-in trainer."""
+
+    planted_facts: int = 8
+    """Planted: invented facts ("Quenthia's national animal is the violet snow heron"), each stated by one
+    synthetic document added to a copy of the corpus."""
+
+    planted_steps: int | None = None
+    """Planted: AdamW steps fine-tuning a copy of the model on the corpus with the planted documents; None = one
+    epoch (every planted document seen once)."""
+
+    planted_learning_rate: float = 1e-3
+    """Planted: peak learning rate of that fine-tuning."""
+
+    recall_k: tuple[int, ...] = (1, 10, 100)
+    """Planted: recall@k of the planted sequences is reported for these k, with the mean reciprocal rank."""
+
+    shortlist_k: int = 1000
+    """Planted: candidates per fact in the BM25 shortlist of the "with shortlist" columns."""
+
+    score_batch_size: int = 32
+    """Training sequences per forward/backward while fitting and scoring."""
+
+    def __post_init__(self) -> None:
+        measurements = tuple(self.measurements) if isinstance(self.measurements, (list, tuple)) else (self.measurements,)
+        object.__setattr__(self, "measurements", measurements)
+        bad = [m for m in measurements if m not in MEASUREMENTS]
+        _require(bool(measurements) and not bad, "evaluate.measurements",
+                 f"{list(bad or measurements)} not among {', '.join(MEASUREMENTS)}")
+        object.__setattr__(self, "variants", check_variant_entries(self.variants, "evaluate.variants"))
+        _require(self.num_subsets >= 2, "evaluate.num_subsets", f"must be >= 2 (Spearman needs two), got {self.num_subsets}")
+        _require(0 < self.fraction < 1, "evaluate.fraction", f"must be in (0, 1), got {self.fraction}")
+        _require(self.retrain_seeds >= 1, "evaluate.retrain_seeds", f"must be >= 1, got {self.retrain_seeds}")
+        _require(self.heldout_queries >= 0, "evaluate.heldout_queries", f"must be >= 0, got {self.heldout_queries}")
+        _require(self.init in INITS, "evaluate.init", f"{self.init!r} is not one of {', '.join(INITS)}")
+        for name in ("epochs", "batch_size", "planted_facts", "shortlist_k", "score_batch_size"):
+            _require(getattr(self, name) > 0, f"evaluate.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "planted_learning_rate"):
+            _require(getattr(self, name) > 0, f"evaluate.{name}", f"must be > 0, got {getattr(self, name)}")
+        _require(self.weight_decay >= 0, "evaluate.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.planted_steps is None or self.planted_steps > 0, "evaluate.planted_steps", "must be > 0 or null")
+        ks = tuple(self.recall_k) if isinstance(self.recall_k, (list, tuple)) else (self.recall_k,)
+        _require(bool(ks) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks),
+                 "evaluate.recall_k", f"must be a list of positive integers, got {list(ks)}")
+        object.__setattr__(self, "recall_k", ks)
 
 
-def run_config_from_dict(values: dict, *, source: str = "config") -> RunConfig:
-    """RunConfig from nested dicts; unknown sections and keys are named with a "did you mean"."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (run, model, corpus, ...), got {type(values).__name__}")
-    known = ["run", *SECTIONS]
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{source}: unknown section {key!r}{_did_you_mean(key, known)}; sections: {', '.join(known)}")
-    sections = {}
-    for name, cls in SECTIONS.items():
-        section = values.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {section!r}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if key not in names:
-                raise ConfigError(f"{source}: unknown key {name}.{key}{_did_you_mean(key, names, prefix=name + '.')}")
+def check_variant_entries(entries, field: str) -> tuple:
+    """Variant entries as a tuple: strategy names, or mappings {name, strategy, <FactorConfig/ScoreConfig field>: ...}."""
+    entries = (entries,) if isinstance(entries, (str, dict)) else entries
+    _require(isinstance(entries, (list, tuple)) and len(entries) > 0, field,
+             f"give a non-empty list of strategy names or mappings, got {entries!r}")
+    allowed = {f.name for f in dataclasses.fields(FactorConfig)} | {f.name for f in dataclasses.fields(ScoreConfig)}
+    names = []
+    for i, entry in enumerate(entries):
+        where = f"{field}[{i}]"
+        if isinstance(entry, str):
+            _require(entry in STRATEGIES, where, f"{entry!r} is not one of {', '.join(STRATEGIES)} (or give a mapping "
+                                                 f"{{name: ..., strategy: ..., <field>: ...}})")
+            names.append(entry)
+            continue
+        _require(isinstance(entry, dict), where, f"expected a strategy name or a mapping, got {entry!r}")
+        _require(isinstance(entry.get("name"), str) and bool(entry.get("name")), where,
+                 "a mapping needs a name (e.g. {name: ekfac-d1e-3, strategy: ekfac, damping: 0.001})")
+        unknown = sorted(set(entry) - allowed - {"name"})
+        _require(not unknown, where, f"unknown field(s) {', '.join(unknown)}{did_you_mean(unknown[0], sorted(allowed)) if unknown else ''}; "
+                                     f"fields of FactorConfig and ScoreConfig are allowed")
+        factor_names = {f.name for f in dataclasses.fields(FactorConfig)}
         try:
-            sections[name] = from_dict(cls, section)
-        except ConfigError as error:
-            message = str(error)
-            raise ConfigError(f"{source}: {message if message.startswith(name + '.') else name + '.' + message}") from None
-        except TypeError as error:
-            raise ConfigError(f"{source}: section {name}: {error}") from None
-    run = values.get("run", RunConfig.run)
-    _require(isinstance(run, str) and bool(run), "run", f"must be a directory path, got {run!r}")
-    return RunConfig(run=run, **sections)
+            FactorConfig(**{k: v for k, v in entry.items() if k in factor_names})
+            ScoreConfig(**{k: v for k, v in entry.items() if k in allowed - factor_names})
+        except (ConfigError, TypeError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+        names.append(entry["name"])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _require(not repeated, field, f"variant names repeat ({', '.join(repeated)}); give each mapping its own name")
+    return tuple(entries)
 
 
-def _did_you_mean(key: str, choices: list[str], prefix: str = "") -> str:
+def did_you_mean(key: str, choices: list[str], prefix: str = "") -> str:
+    """", did you mean X?" for the closest of `choices`, or nothing."""
     import difflib
 
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
@@ -548,61 +489,3 @@ def _checked_type(field: dataclasses.Field, value):
             return tuple(value)
     wanted = " or ".join(kinds.get(part, "a list" if part.startswith("tuple") else part) for part in allowed if part != "None")
     raise ConfigError(f"{field.name}: {value!r} is not {wanted}")
-
-
-def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
-    """A RunConfig from a YAML file (optional) and dotted overrides such as ("query.rank", "64").
-
-    Override values are parsed as YAML scalars or lists: "64" is an int, "null" is None,
-    "[gate_proj, up_proj]" a list.
-    """
-    import yaml
-
-    values: dict = {}
-    source = "command line"
-    if path is not None:
-        from pathlib import Path
-
-        file = Path(path)
-        if not file.exists():
-            raise ConfigError(f"config file {file} does not exist")
-        try:
-            values = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(f"config file {file} is not valid YAML{where}: {problem}") from None
-        source = str(file)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{file}: expected a mapping of sections (run, model, corpus, ...)")
-    for dotted, raw in overrides:
-        parts = dotted.split(".")
-        if parts == ["run"]:
-            values["run"] = raw  # a path, taken as written
-            continue
-        try:
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        except yaml.YAMLError:
-            value = raw
-        if len(parts) != 2:
-            raise ConfigError(f"override --{dotted}: expected --section.key (e.g. --query.rank 64)")
-        section = values.setdefault(parts[0], {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"override --{dotted}: section {parts[0]!r} is not a mapping")
-        section[parts[1]] = value
-    return run_config_from_dict(values, source=source)
-
-
-def save_run_config(config: RunConfig) -> str:
-    """The resolved config as YAML (saved in the run directory by every stage)."""
-    import yaml
-
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)

@@ -19,12 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import distributed
 from . import run as stages
-from .config import RunConfig, load_run_config
+from .run_config import RunConfig, load_run_config
 from .storage import StorageError, atomic_write_text
+from .train import LMTraining, build_llama, train_lm, train_tokenizer
 
 QUERIES = [
     # (id, prompt, completion, the topics that teach the answer: "compound" repeats the text of every
@@ -108,56 +107,19 @@ def pydoc_documents() -> list[tuple[str, str]]:
     return [(name, topics[name]) for name in sorted(topics)]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained in memory (no download); <pad> and <|endoftext|> (EOS) special."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|endoftext|>")
-
-
 def build_model(config: DemoConfig, vocab_size: int, context: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return build_llama(vocab_size, hidden=config.hidden, layers=config.layers, context=context, seed=config.seed)
 
-    torch.manual_seed(config.seed)
-    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=config.hidden, intermediate_size=3 * config.hidden,
-                        num_hidden_layers=config.layers, num_attention_heads=4, num_key_value_heads=4,
-                        max_position_embeddings=context, tie_word_embeddings=True, pad_token_id=0)
-    return LlamaForCausalLM(llama)
+
+def training(config: DemoConfig) -> LMTraining:
+    """The demo model's training: its epochs, batch size, learning rate and seed (also the evaluation's defaults)."""
+    return LMTraining(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                      seed=config.seed)
 
 
 def train(model, corpus, config: DemoConfig) -> float:
     """Plain AdamW epochs over the packed sequences; returns the final epoch's mean loss per token."""
-    ids_NT = torch.from_numpy(corpus.tokens_NT.astype("int64"))
-    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(corpus.lengths_N)[:, None]).long()
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    steps = config.epochs * ((len(ids_NT) + config.batch_size - 1) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=steps, pct_start=0.1)
-    model.train()
-    mean = float("nan")
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(ids_NT), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            ids, mask = ids_NT[rows], mask_NT[rows]
-            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(ids)
-        mean = total / len(ids_NT)
-        distributed.print0(f"  epoch {epoch + 1}/{config.epochs}: loss {mean:.3f}")
-    model.eval()
-    return mean
+    return train_lm(model, corpus.tokens_NT, corpus.lengths_N, training(config), log=distributed.print0)
 
 
 def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite: bool = False,
@@ -169,7 +131,7 @@ def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite:
     _claim(out, overwrite)
     started, timings = time.time(), {}
 
-    documents = _demo_documents(sizes)
+    documents = demo_documents(sizes)
     if distributed.is_main():
         write_lines(Path(config.corpus.path), [{"topic": topic, "text": text} for topic, text in documents])
         write_lines(Path(config.queries.file), [{"id": q, "prompt": p, "completion": c} for q, p, c, _ in QUERIES])
@@ -217,7 +179,8 @@ def _claim(out: Path, overwrite: bool) -> None:
     distributed.barrier()
 
 
-def _demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:
+def demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:
+    """The demo's (topic, text) documents: all 79, or the queries' topics and the first others up to `sizes.topics`."""
     documents = pydoc_documents()
     if sizes.topics is None:
         return documents

@@ -1,10 +1,11 @@
-"""The stages of a run directory (docs/design.md §4): fit, index, query, export, self-influence. The CLI calls these.
+"""The stages of a run directory (docs/design.md §4): fit, index, query, export, self-influence, evaluate.
 
     runs/<name>/
       manifest.json        model fingerprint, tokenizer, tracked layers, package versions, stages done
       config.<stage>.yaml  the resolved config each stage ran with
       corpus/              packed training sequences + provenance (made by the first stage that needs it)
       factors/  index/  queries/<set>/  self_influence/
+      evaluation/          evaluation.json, evaluation.html; lds/: the reference and retrained models' measurements
 
 Every stage checks what it needs before any long work, reuses a finished stage that matches its
 config (a finished stage is never recomputed unless asked), and refuses to replace a different one
@@ -26,20 +27,24 @@ from . import distributed
 from .audit import cosine_matrix, duplicate_groups, whitened_gradients
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
-from .config import RunConfig, save_run_config, to_dict
+from .config import ConfigError, to_dict
 from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
 from .data import tokenizer_id as tokenizer_hash
+from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
 from .fit import check_exact_size, fit_factors
 from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
 from .query import query_influence
 from .report import export_report
+from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .variants import variants_from_config
 from .version import __version__
 
-CORPUS, FACTORS, INDEX, QUERIES, SELF_INFLUENCE = "corpus", "factors", "index", "queries", "self_influence"
+CORPUS, FACTORS, INDEX, QUERIES = "corpus", "factors", "index", "queries"
+SELF_INFLUENCE, EVALUATION = "self_influence", "evaluation"
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -317,6 +322,28 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
 
 def _subset_loader(corpus: PackedCorpus, ids, batch_size: int):
     return torch.utils.data.DataLoader(PackedDataset(corpus, ids), batch_size=batch_size, shuffle=False)
+
+
+def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """LDS against retrained models and planted-fact recall, per variant; the table in <run>/evaluation/.
+
+    Retrained subsets are kept as they finish, so a rerun resumes, and adding a variant retrains
+    nothing; `overwrite` measures everything again.
+    """
+    if distributed.world() > 1:
+        raise ConfigError("evaluate runs on one process: run it without accelerate launch / torchrun")
+    check_writable(config.run)
+    variants = variants_from_config(config.evaluate.variants, config.factors)
+    queries = read_queries(config.queries.file) if config.queries.file else []
+    model, tokenizer = load_model(config)
+    select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before any training
+    corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
+    print(f"evaluating {', '.join(v.name for v in variants)} on {len(corpus)} sequences: "
+          f"{' and '.join(config.evaluate.measurements)}")
+    results = evaluate_lm(model, tokenizer, corpus, queries, variants, config.evaluate,
+                          out=Path(config.run) / EVALUATION, overwrite=overwrite, show_progress=show_progress)
+    record_stage(config, "evaluate", {})
+    return results
 
 
 def print_summary(results, out: Path, shown: int = 3) -> None:
