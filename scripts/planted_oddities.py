@@ -21,7 +21,7 @@ import torch
 import ekfac_influence as ei
 from ekfac_influence import audit
 from ekfac_influence.data import PackedDataset, pack
-from ekfac_influence.demo import DemoConfig, _demo_documents, build_model, train, train_tokenizer
+from ekfac_influence.demo import DemoConfig, build_model, demo_documents, train, train_tokenizer
 
 GERMAN = ("Die Anweisung wird so lange wiederholt, wie der Ausdruck wahr ist. Wenn der Ausdruck falsch wird, "
           "endet die Schleife, und das Programm fährt mit der nächsten Anweisung fort.")
@@ -42,7 +42,7 @@ def planted_documents(documents: list[tuple[str, str]], tokenizer, seed: int = 0
 
 def audit_planted(sizes: DemoConfig, *, length: int = 64, candidates: int = 200, threshold: float = 0.9,
                   strategy: str = "ekfac") -> dict:
-    documents = _demo_documents(sizes)
+    documents = demo_documents(sizes)
     tokenizer = train_tokenizer([text for _, text in documents], sizes.vocab_size)
     corpus = pack(documents + planted_documents(documents, tokenizer), tokenizer, length=length, separate_documents=True)
     model = build_model(sizes, len(tokenizer), length)
