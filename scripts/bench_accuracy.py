@@ -187,7 +187,10 @@ def bench_lm(out: Path, quick: bool, subsets: int | None, measurements: tuple[st
     corpus = pack(documents, tokenizer, length=64, separate_documents=True)
     model = build_model(sizes, len(tokenizer), 64)
     train_lm(model, corpus.tokens_NT, corpus.lengths_N, training(sizes))
-    config = EvaluateConfig(variants=("identity", "diagonal", "kfac", "ekfac"), num_subsets=subsets or (4 if quick else 64),
+    closer = ({"name": "ekfac, 4 label samples", "strategy": "ekfac", "label_samples": 4},
+              *({"name": f"ekfac + {k} refinement steps", "strategy": "ekfac", "refine_steps": k, "refine_batches": 8,
+                 "refine_tolerance": 0.0} for k in (3, 10)))
+    config = EvaluateConfig(variants=("identity", "diagonal", "kfac", "ekfac", *closer), num_subsets=subsets or (4 if quick else 64),
                             heldout_queries=4 if quick else 32, epochs=sizes.epochs, batch_size=sizes.batch_size,
                             learning_rate=sizes.learning_rate, planted_facts=2 if quick else 16, shortlist_k=100,
                             measurements=measurements, planted_steps=planted_steps, planted_learning_rate=planted_lr)
