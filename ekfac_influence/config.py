@@ -20,6 +20,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+def _check_scoring_fields(config) -> None:
+    """The refinement and delta_logp fields that ScoreConfig and QueryConfig share (each declares them
+    itself, so that its docstrings are its CLI help)."""
+    _require(isinstance(config.refine_steps, int) and config.refine_steps >= 0, "refine_steps",
+             f"must be an integer >= 0, got {config.refine_steps!r}")
+    _require(config.refine_batches is None or config.refine_batches > 0, "refine_batches", "must be > 0 or null")
+    _require(config.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {config.refine_tolerance}")
+    _require(config.train_size is None or config.train_size > 0, "train_size",
+             f"must be > 0 or null, got {config.train_size}")
+
+
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field}: {message}")
@@ -149,11 +160,7 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")
         _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
-        _require(self.train_size is None or self.train_size > 0, "train_size", f"must be > 0 or null, got {self.train_size}")
-        _require(isinstance(self.refine_steps, int) and self.refine_steps >= 0, "refine_steps",
-                 f"must be an integer >= 0, got {self.refine_steps!r}")
-        _require(self.refine_batches is None or self.refine_batches > 0, "refine_batches", "must be > 0 or null")
-        _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
+        _check_scoring_fields(self)
 
 
 CANDIDATES = ("all", "shortlist")
@@ -243,11 +250,7 @@ class QueryConfig:
         _require(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         _require(0 < self.spurious_threshold <= 1, "spurious_threshold", f"must be in (0, 1], got {self.spurious_threshold}")
         _require(self.compute_dtype in DTYPES, "compute_dtype", f"{self.compute_dtype!r} is not one of {DTYPES}")
-        _require(self.train_size is None or self.train_size > 0, "train_size", f"must be > 0 or null, got {self.train_size}")
-        _require(isinstance(self.refine_steps, int) and self.refine_steps >= 0, "refine_steps",
-                 f"must be an integer >= 0, got {self.refine_steps!r}")
-        _require(self.refine_batches is None or self.refine_batches > 0, "refine_batches", "must be > 0 or null")
-        _require(self.refine_tolerance >= 0, "refine_tolerance", f"must be >= 0, got {self.refine_tolerance}")
+        _check_scoring_fields(self)
 
 
 @dataclass(frozen=True)
