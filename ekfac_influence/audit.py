@@ -14,10 +14,22 @@ These are the diagonal of `influence.compute_scores` of the training set against
 measurement of sequence n is log p(z_n). The whitened gradient W_n = P^{1/2} DW_n (kfac/ekfac:
 R ⊘ √(Λ + λ) per layer; exact: L⁻¹ vec DW with L Lᵀ = G + diag(λ)) has ‖W_n‖² = s(n), and
 cos(n, m) = ⟨W_n, W_m⟩ / (‖W_n‖ ‖W_m‖) finds sequences whose gradients are almost parallel.
+
+Near-duplicates are searched over the whole corpus, not only among the sequences of high s(n):
+a memorised passage (a license header seen a thousand times) has a small gradient and so a LOW
+self-influence. The pass keeps a sketch of every sequence's whitened gradient, k² numbers
+(k = `duplicate_sketch`): per layer Ω_O P^{1/2}(DW) Ω_I with seeded Gaussian Ω_O [k, O], Ω_I [I, k]
+(entries of variance 1/k), summed over layers. For kfac/ekfac P^{1/2}(DW) = Q_S (R ⊘ √(Λ + λ)) Q_Aᵀ,
+the symmetric root, so the sketch is (Ω_O Q_S) W (Q_Aᵀ Ω_I): no extra rotation, and the same
+whatever signs eigh gave the eigenvectors. Inner products of sketches are unbiased estimates of
+⟨W_n, W_m⟩; identical sequences sketch alike. A sketched cosine c is off by about (1 − c²)/k when
+the whitened gradients have a rank well above k, and by up to (1 − c²)·√(2/k) for a gradient of
+rank one (a single token): the sketch of W = u vᵀ is (Ω_O u)(vᵀ Ω_I), two k-dimensional projections.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,17 +45,19 @@ from .precondition import exact_inverse_product
 from .storage import PassCheckpoint
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "exact")
-_SKETCH = 256  # a whitened layer wider than _SKETCH² features is sketched to _SKETCH × _SKETCH for the cosines
+_SKETCH = 256  # whitened_gradients: a layer wider than _SKETCH² features is sketched to _SKETCH × _SKETCH
 
 
 @dataclass
 class SelfInfluenceResult:
-    """s(n) of every training sequence, in data order: values [N], per_layer {layer: [N]}, per_token [N, T]."""
+    """s(n) of every training sequence, in data order: values [N], per_layer {layer: [N]}, per_token [N, T],
+    and sketch [N, k²], the sketched whitened gradients that `near_duplicate_groups` compares."""
 
     values: Tensor
     per_layer: dict[str, Tensor]
     per_token: Tensor | None = None
     num_train_sequences: int = 0
+    sketch: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -65,31 +79,21 @@ def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strateg
     raise ValueError(f"strategy {strategy!r} has no per-layer whitening; self-influence supports {', '.join(STRATEGIES)}")
 
 
-def layer_self_influence(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str, *,
-                         per_token: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(s_B, tokens_BT or None) of one layer: s = Σ R² ⊘ (Λ + λ), token t = (Q_Sᵀg_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀā_t)."""
-    R_BOI, scale_OI = layer_whitening(g_BTO, a_BTI, factors, strategy)
-    X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
-    s_B = (R_BOI * X_BOI).sum((1, 2))
-    if not per_token:
-        return s_B, None
-    if strategy in ("kfac", "ekfac"):
-        g_BTO, a_BTI = g_BTO @ factors.QS_OO, a_BTI @ factors.QA_II
-    return s_B, token_products(g_BTO, X_BOI, a_BTI)
-
-
 def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
     """tokens_BT = g_tᵀ X_b ā_t."""
     return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
 
 
-def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtype, *,
-                         per_token: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
-    """({layer: s_B}, tokens_BT or None) of one captured batch (on the CPU)."""
+def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtype, *, per_token: bool = False,
+                         sketch: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+    """({layer: s_B}, tokens_BT or None, sketch_BK or None) of one captured batch (on the CPU).
+
+    sketch: `sketch_maps(factors, k)`, or None for no sketch.
+    """
     names = factors.layer_names
     grads = {n: item.grads[n].to(dtype) for n in names}
     acts = {n: item.acts[n].to(dtype) for n in names}
-    per_layer, tokens_BT = {}, None
+    per_layer, tokens_BT, sketch_BK = {}, None, None
     if factors.strategy == "exact":
         P = exact_inverse_product({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors)
         for n in names:
@@ -98,15 +102,52 @@ def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtyp
             if per_token:
                 layer_BT = token_products(grads[n], P[n].to(dtype), acts[n])
                 tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
+        if sketch is not None:
+            sketch_BK = (_exact_whitened(grads, acts, factors) @ sketch["exact"].to(torch.float64)).to(dtype).cpu()
     else:
         for layer in factors.layers:
             moved = layer.to(dtype, grads[layer.name].device)
-            s_B, layer_BT = layer_self_influence(grads[layer.name], acts[layer.name], moved, factors.strategy,
-                                                 per_token=per_token)
-            per_layer[layer.name] = s_B.cpu()
-            if layer_BT is not None:
+            R_BOI, scale_OI = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
+            X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
+            per_layer[layer.name] = (R_BOI * X_BOI).sum((1, 2)).cpu()
+            if per_token:
+                g_BTO, a_BTI = grads[layer.name], acts[layer.name]
+                if factors.strategy in ("kfac", "ekfac"):
+                    g_BTO, a_BTI = g_BTO @ moved.QS_OO, a_BTI @ moved.QA_II
+                layer_BT = token_products(g_BTO, X_BOI, a_BTI)
                 tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
-    return per_layer, None if tokens_BT is None else tokens_BT.cpu()
+            if sketch is not None:
+                left_KO, right_IK = (m.to(R_BOI) for m in sketch[layer.name])
+                W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
+                layer_BK = (left_KO @ W_BOI @ right_IK).flatten(1)
+                sketch_BK = layer_BK if sketch_BK is None else sketch_BK + layer_BK
+        sketch_BK = None if sketch_BK is None else sketch_BK.cpu()
+    return per_layer, None if tokens_BT is None else tokens_BT.cpu(), sketch_BK
+
+
+def sketch_maps(factors: Factors, side: int) -> dict:
+    """The fixed maps of the whole-corpus sketch (module docstring): {layer: (Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k])}.
+
+    identity and diagonal whiten in the original basis, so their maps are Ω_O and Ω_I; the exact
+    strategy's whitened gradient couples the layers, so it is sketched by one Gaussian {"exact": Ω [P, k²]}.
+    Seeded by the layer's name: every process and every run draws the same Ω.
+    """
+    if factors.strategy == "exact":
+        size = sum(layer.out_dim * layer.in_dim for layer in factors.layers)
+        return {"exact": torch.randn(size, side * side, generator=_seeded("exact"), dtype=torch.float64) / side}
+    maps = {}
+    for layer in factors.layers:
+        generator = _seeded(layer.name)
+        omega_KO = torch.randn(side, layer.out_dim, generator=generator, dtype=torch.float64) / side**0.5
+        omega_IK = torch.randn(layer.in_dim, side, generator=generator, dtype=torch.float64) / side**0.5
+        if factors.strategy in ("kfac", "ekfac"):
+            omega_KO, omega_IK = omega_KO @ layer.QS_OO.double(), layer.QA_II.double().T @ omega_IK
+        maps[layer.name] = (omega_KO, omega_IK)
+    return maps
+
+
+def _seeded(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:15], 16))
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -126,10 +167,11 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
         raise ValueError(f"self-influence needs one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
     dtype = getattr(torch, config.compute_dtype)
     local, start = _restore(checkpoint, factors.layer_names)
+    sketch = sketch_maps(factors, config.duplicate_sketch) if config.duplicate_sketch else None
     with evaluation_mode(model):
         for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
                                  show_progress=show_progress, start=start):
-            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token)
+            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token, sketch=sketch)
             if checkpoint is not None and checkpoint.due(item.index + 1):
                 _save(checkpoint, local, item.index + 1, factors.layer_names)
     merged = distributed.gather_by_key(local)
@@ -146,13 +188,16 @@ def _assemble(merged: dict, names: list[str], num_sequences: int) -> SelfInfluen
     if merged[order[0]][1] is not None:
         width = max(merged[i][1].shape[1] for i in order)
         per_token = torch.cat([nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[1])) for i in order])
-    return SelfInfluenceResult(values, per_layer, per_token, num_sequences)
+    sketch = torch.cat([merged[i][2] for i in order]) if merged[order[0]][2] is not None else None
+    return SelfInfluenceResult(values, per_layer, per_token, num_sequences, sketch)
 
 
 def _save(checkpoint: PassCheckpoint, local: dict, next_batch: int, names: list[str]) -> None:
-    """This process's finished batches: {batch}/{layer} = s_B (and {batch}/tokens), with the next batch to read."""
-    tensors = {f"{i}/{n}": per_layer[n] for i, (per_layer, _) in local.items() for n in names}
-    tensors.update({f"{i}/tokens": tokens for i, (_, tokens) in local.items() if tokens is not None})
+    """This process's finished batches: {batch}/{layer} = s_B (and {batch}/tokens, {batch}/sketch), with the next
+    batch to read."""
+    tensors = {f"{i}/{n}": per_layer[n] for i, (per_layer, _, _) in local.items() for n in names}
+    tensors.update({f"{i}/tokens": tokens for i, (_, tokens, _) in local.items() if tokens is not None})
+    tensors.update({f"{i}/sketch": sketch for i, (_, _, sketch) in local.items() if sketch is not None})
     checkpoint.save("self_influence", tensors, {"next_batch": next_batch, "batches": sorted(local)})
 
 
@@ -161,7 +206,8 @@ def _restore(checkpoint: PassCheckpoint | None, names: list[str]) -> tuple[dict,
     if state is None:
         return {}, 0
     tensors, meta = state
-    local = {i: ({n: tensors[f"{i}/{n}"] for n in names}, tensors.get(f"{i}/tokens")) for i in meta["batches"]}
+    local = {i: ({n: tensors[f"{i}/{n}"] for n in names}, tensors.get(f"{i}/tokens"), tensors.get(f"{i}/sketch"))
+             for i in meta["batches"]}
     distributed.print0(f"resuming self-influence at batch {meta['next_batch']} (saved progress)")
     return local, meta["next_batch"]
 
@@ -192,11 +238,8 @@ def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) ->
     names = factors.layer_names
     grads = {n: item.grads[n].to(dtype) for n in names}
     acts = {n: item.acts[n].to(dtype) for n in names}
-    if factors.strategy == "exact":  # ‖L⁻¹v‖² = vᵀ(LLᵀ)⁻¹v
-        V_BP = torch.cat([sequence_gradients(grads[n], acts[n]).flatten(1) for n in names], 1).double()
-        damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
-        L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
-        return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T.to(dtype).cpu()
+    if factors.strategy == "exact":
+        return _exact_whitened(grads, acts, factors).to(dtype).cpu()
     parts = []
     for layer in factors.layers:
         moved = layer.to(dtype, grads[layer.name].device)
@@ -206,11 +249,19 @@ def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) ->
     return torch.cat(parts, 1)
 
 
+def _exact_whitened(grads: dict[str, Tensor], acts: dict[str, Tensor], factors: Factors) -> Tensor:
+    """W_BP = L⁻¹ vec DW in float64, L Lᵀ = G + diag(λ) (so ‖W‖² = vᵀ (G + diag(λ))⁻¹ v)."""
+    V_BP = torch.cat([sequence_gradients(grads[n], acts[n]).flatten(1) for n in factors.layer_names], 1).double()
+    damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+    L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
+    return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T
+
+
 def _sketched(W_BOI: Tensor, name: str) -> Tensor:
     B, O, I = W_BOI.shape
     if O * I <= _SKETCH * _SKETCH:
         return W_BOI
-    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    generator = _seeded(name)
     omega_KO = torch.randn(_SKETCH, O, generator=generator, dtype=torch.float64) / _SKETCH**0.5
     omega_IK = torch.randn(I, _SKETCH, generator=generator, dtype=torch.float64) / _SKETCH**0.5
     return omega_KO.to(W_BOI) @ W_BOI @ omega_IK.to(W_BOI)
@@ -225,7 +276,30 @@ def cosine_matrix(W_CD: Tensor) -> Tensor:
 
 def duplicate_groups(cos_CC: Tensor, threshold: float) -> list[list[int]]:
     """Connected groups (union-find over the pairs with cos ≥ threshold) of two or more; largest first."""
-    parent = list(range(cos_CC.shape[0]))
+    return groups_of_pairs(cos_CC.shape[0], torch.nonzero(torch.triu(cos_CC >= threshold, diagonal=1)).tolist())
+
+
+def near_duplicate_groups(sketch_NK: Tensor, threshold: float, *, chunk: int = 4096) -> list[list[int]]:
+    """`duplicate_groups` over the whole corpus from the sketches (module docstring), chunk × N cosines at a time."""
+    unit_NK = sketch_NK.float() / sketch_NK.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    pairs = []
+    for start in range(0, len(unit_NK), chunk):
+        cos_CN = unit_NK[start : start + chunk] @ unit_NK.T
+        i_M, j_M = torch.nonzero(cos_CN >= threshold, as_tuple=True)
+        i_M = i_M + start
+        keep = j_M > i_M
+        pairs += torch.stack([i_M[keep], j_M[keep]], 1).tolist()
+    return groups_of_pairs(len(unit_NK), pairs)
+
+
+def sketched_cosines(sketch_NK: Tensor, members: list[int]) -> Tensor:
+    """cos_CC of the members' sketches, in float64 (the numbers behind a group)."""
+    return cosine_matrix(sketch_NK[members])
+
+
+def groups_of_pairs(num: int, pairs: Iterable) -> list[list[int]]:
+    """Connected groups (union-find) of `num` items joined by `pairs`, two or more members; largest first."""
+    parent = list(range(num))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -233,7 +307,7 @@ def duplicate_groups(cos_CC: Tensor, threshold: float) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for i, j in torch.nonzero(torch.triu(cos_CC >= threshold, diagonal=1)).tolist():
+    for i, j in pairs:
         parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(parent)):

@@ -272,8 +272,9 @@ class SelfInfluenceConfig:
     top: int = 20
     """Highest and lowest sequences written to top.jsonl and the page."""
 
-    duplicate_candidates: int = 200
-    """Near-duplicate groups are searched among this many sequences of highest self-influence (0 = none)."""
+    duplicate_sketch: int = 32
+    """Near-duplicates are searched over the whole corpus through a k × k sketch of each sequence's whitened
+    gradient (k = this; a sketched cosine c is off by (1 - c²)/k to (1 - c²)·√(2/k); 0 = no search)."""
 
     duplicate_threshold: float = 0.9
     """Two sequences are near-duplicates when the cosine of their P^{1/2}-whitened gradients is at least this."""
@@ -290,8 +291,8 @@ class SelfInfluenceConfig:
         _require(self.compute_dtype in DTYPES, "self_influence.compute_dtype",
                  f"{self.compute_dtype!r} is not one of {DTYPES}")
         _require(self.top > 0, "self_influence.top", f"must be > 0, got {self.top}")
-        _require(self.duplicate_candidates >= 0, "self_influence.duplicate_candidates",
-                 f"must be >= 0, got {self.duplicate_candidates}")
+        _require(self.duplicate_sketch >= 0, "self_influence.duplicate_sketch",
+                 f"must be >= 0, got {self.duplicate_sketch}")
         _require(-1 <= self.duplicate_threshold <= 1, "self_influence.duplicate_threshold",
                  f"must be a cosine in [-1, 1], got {self.duplicate_threshold}")
         _require(self.checkpoint_seconds >= 0, "self_influence.checkpoint_seconds",

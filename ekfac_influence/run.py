@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .audit import cosine_matrix, duplicate_groups, whitened_gradients
+from .audit import near_duplicate_groups, sketched_cosines
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
@@ -277,20 +277,13 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
                                     objective, section, show_progress=show_progress, checkpoint=checkpoint)
     values_N = result.values.double().numpy()
     order = np.argsort(-values_N, kind="stable")
-    candidates = order[: min(section.duplicate_candidates, len(order))]
-    groups, cos_CC = [], None
-    if len(candidates) > 1:
-        W_CD = whitened_gradients(model, factors, _subset_loader(corpus, candidates, section.batch_size), objective,
-                                  dtype=getattr(torch, section.compute_dtype))
-        cos_CC = cosine_matrix(W_CD)
-        groups = [[int(candidates[i]) for i in g] for g in duplicate_groups(cos_CC, section.duplicate_threshold)]
+    groups = [] if result.sketch is None else near_duplicate_groups(result.sketch, section.duplicate_threshold)
     top = min(section.top, len(order))
     shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
     detail = compute_self_influence(model, factors, _subset_loader(corpus, shown, section.batch_size), objective,
                                     dataclasses.replace(section, per_token=True), show_progress=False)
     if distributed.is_main():
         group_of = {n: g for g, members in enumerate(groups) for n in members}
-        position = {int(n): i for i, n in enumerate(candidates)}
 
         def record(kind: str, rank: int, n: int) -> dict:
             i = shown.index(n)
@@ -299,8 +292,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
                                    per_token=detail.per_token[i, : int(corpus.lengths_N[n])].tolist(), group=group_of.get(n))
 
         def lowest_cosine(members: list[int]) -> float:
-            idx = [position[n] for n in members]
-            return float(cos_CC[idx][:, idx].min())
+            return float(sketched_cosines(result.sketch, members[:1000]).min())  # a sample of a huge group
 
         records = [record("highest", r + 1, int(n)) for r, n in enumerate(order[:top])]
         records += [record("lowest", r + 1, int(n)) for r, n in enumerate(order[::-1][:top])]
@@ -309,7 +301,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
         manifest = {"kind": "ekfac_influence.self_influence", "version": __version__, "num_sequences": len(corpus),
                     "fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
                     "tokenizer_id": corpus.tokenizer_id, "layers": factors.layer_names,
-                    "duplicate_threshold": section.duplicate_threshold, "duplicate_candidates": len(candidates),
+                    "duplicate_threshold": section.duplicate_threshold, "duplicate_sketch": section.duplicate_sketch,
                     "num_duplicate_groups": len(groups), "config": to_dict(section)}
         write_audit(out, values_N, records, manifest, overwrite=overwrite)
         checkpoint.clear()

@@ -7,6 +7,7 @@ A tiny Llama (built in code, float32) on real text: Python's own documentation
     fit          fit_factors(strategy="ekfac"); then its steps one by one (covariances, eigh, correction)
     score Q=...  compute_scores of the N sequences for Q held-out prompt/completion queries, Q = 1, 16,
                  128 at rank 32 and 128 at full rank; the step-by-step split for Q = 16 and Q = 128 rank 32
+    self-influence  self_influence of the N sequences (a corpus audit: one pass, no queries)
 
 and prints each stage's seconds, its ratio to the epoch, and the aim it is held to (docs/benchmarks.md).
 
@@ -54,7 +55,7 @@ from ekfac_influence.precondition import compress, precondition
 IGNORE_INDEX = -100
 
 # The aims, in epochs over the same N sequences.
-AIM_FIT, AIM_SCORE_16, AIM_SCORE_128_RANK_32 = 3.0, 0.9, 1.2
+AIM_FIT, AIM_SCORE_16, AIM_SCORE_128_RANK_32, AIM_SELF_INFLUENCE = 3.0, 0.9, 1.2, 1.1
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -478,6 +479,7 @@ def main() -> None:
     for rank in (None, args.rank):
         ei.compute_scores(model, small, queries[16][:1], train[:2], objective, ei.ScoreConfig(rank=rank),
                           show_progress=False)
+    ei.self_influence(model, small, train[:2], objective, show_progress=False)
 
     bench = Bench(lambda: train_epoch(trainee, optimizer, train), device, args.retries,
                   idle_wait=max(args.wait_idle, 60))
@@ -505,6 +507,9 @@ def main() -> None:
                                                        device))
             rows += [Row(name, m, step=True) for name, m in steps.items()]
             break_evens.append(break_even(label, steps, args.sequences, aim))
+
+    audit = functools.partial(ei.self_influence, model, factors, train, objective, show_progress=False)
+    rows.append(Row("self_influence (ekfac)", bench.stage(audit, args.repeats)[0], AIM_SELF_INFLUENCE))
 
     if args.floor:
         steps = bench.steps(lambda: floor_in_steps(model, factors, queries[16], train, objective, trainee, device))

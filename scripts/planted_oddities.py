@@ -27,30 +27,47 @@ GERMAN = ("Die Anweisung wird so lange wiederholt, wie der Ausdruck wahr ist. We
           "endet die Schleife, und das Programm fährt mit der nächsten Anweisung fort.")
 
 
-def planted_documents(documents: list[tuple[str, str]], tokenizer, seed: int = 0) -> list[tuple[str, str]]:
-    """(id, text) of the oddities: random bytes, 20 copies of one paragraph, German, shuffled tokens."""
+def planted_documents(documents: list[tuple[str, str]], tokenizer, length: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(id, text) of the oddities: random bytes, 20 copies of one paragraph, German, shuffled tokens.
+
+    Each is cut to fill one sequence of `length` tokens (its EOS included), so that every planted
+    sequence is a whole oddity: a document's short tail would be a sequence of a few tokens.
+    """
     rng = random.Random(seed)
-    planted = [(f"odd:random{i}", bytes(rng.randrange(256) for _ in range(60)).decode("latin-1")) for i in range(3)]
-    paragraph = documents[len(documents) // 2][1][:120]  # one sequence of 64 tokens
+    planted = [(f"odd:random{i}", bytes(rng.randrange(256) for _ in range(4 * length)).decode("latin-1"))
+               for i in range(3)]
+    paragraph = documents[len(documents) // 2][1]
     planted += [(f"odd:copy{i}", paragraph) for i in range(20)]
     planted.append(("odd:german", GERMAN))
-    ids = tokenizer(documents[1][1][:300])["input_ids"]
+    ids = tokenizer(documents[1][1][: 8 * length])["input_ids"]
     rng.shuffle(ids)
     planted.append(("odd:shuffled", tokenizer.decode(ids)))
-    return planted
+    return [(doc, one_sequence(text, tokenizer, length)) for doc, text in planted]
 
 
-def audit_planted(sizes: DemoConfig, *, length: int = 64, candidates: int = 200, threshold: float = 0.9,
-                  strategy: str = "ekfac") -> dict:
+def one_sequence(text: str, tokenizer, length: int) -> str:
+    """The longest prefix of `text` that tokenizes to at most length − 1 tokens (the EOS takes the last)."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(tokenizer(text[:middle])["input_ids"]) <= length - 1:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+def audit_planted(sizes: DemoConfig, *, length: int = 64, threshold: float = 0.9, strategy: str = "ekfac") -> dict:
     documents = demo_documents(sizes)
     tokenizer = train_tokenizer([text for _, text in documents], sizes.vocab_size)
-    corpus = pack(documents + planted_documents(documents, tokenizer), tokenizer, length=length, separate_documents=True)
+    corpus = pack(documents + planted_documents(documents, tokenizer, length), tokenizer, length=length, separate_documents=True)
     model = build_model(sizes, len(tokenizer), length)
     train(model, corpus, sizes)
     loader = torch.utils.data.DataLoader(PackedDataset(corpus), batch_size=32, shuffle=False)
     objective = ei.CausalLMObjective()
     factors = ei.fit_factors(model, loader, objective, ei.FactorConfig(strategy=strategy), show_progress=False)
-    values_N = ei.self_influence(model, factors, loader, objective, show_progress=False).values.double().numpy()
+    result = ei.self_influence(model, factors, loader, objective, show_progress=False)
+    values_N = result.values.double().numpy()
     rank_N = np.empty(len(values_N), dtype=np.int64)
     rank_N[np.argsort(-values_N, kind="stable")] = np.arange(len(values_N))
     kinds = {}
@@ -58,17 +75,16 @@ def audit_planted(sizes: DemoConfig, *, length: int = 64, candidates: int = 200,
         doc = str(pieces[0]["doc"])
         if doc.startswith("odd:"):
             kinds.setdefault(doc[4:].rstrip("0123456789"), []).append(n)
-    top = np.argsort(-values_N, kind="stable")[:candidates]
-    W_CD = audit.whitened_gradients(model, factors, torch.utils.data.DataLoader(PackedDataset(corpus, top), batch_size=32),
-                                    objective)
-    groups = [[int(top[i]) for i in g] for g in audit.duplicate_groups(audit.cosine_matrix(W_CD), threshold)]
+    groups = audit.near_duplicate_groups(result.sketch, threshold)
+    source = documents[len(documents) // 2][0]  # the document the copies were cut from
     copies = set(kinds["copy"])
     return {"num_sequences": len(values_N),
             "percentile": {k: [round(100 * (int(rank_N[n]) + 1) / len(values_N), 1) for n in ns] for k, ns in kinds.items()},
             "median_s": float(np.median(values_N)),
             "mean_s": {k: float(values_N[ns].mean()) for k, ns in kinds.items()},
-            "copies_in_top": len(copies & set(top.tolist())),
             "groups_with_copies": [sum(n in copies for n in g) for g in groups if copies & set(g)],
+            "group_of_copies_size": [len(g) for g in groups if copies & set(g)],
+            "source_in_group": any(corpus.provenance[n][0]["doc"] == source for g in groups if copies & set(g) for n in g),
             "num_groups": len(groups), "group_sizes": [len(g) for g in groups]}
 
 

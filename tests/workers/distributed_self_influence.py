@@ -35,7 +35,7 @@ def run(out: str) -> None:
     result = ei.self_influence(model, factors, train, objective, config, show_progress=False)
     W_ND = audit.whitened_gradients(model, factors, train, objective, dtype=torch.float64)
     if distributed.is_main():
-        tensors = {"values": result.values, "per_token": result.per_token, "whitened": W_ND,
+        tensors = {"values": result.values, "per_token": result.per_token, "sketch": result.sketch, "whitened": W_ND,
                    "world": torch.tensor(distributed.world())}
         tensors.update({f"layer/{name}": value for name, value in result.per_layer.items()})
         save_file({k: v.contiguous() for k, v in tensors.items()}, out)
