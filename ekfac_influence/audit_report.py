@@ -23,6 +23,7 @@ import numpy as np
 
 from .report_data import provenance_text
 from .storage import staged_directory
+from .token_text import token_pieces
 
 VALUES_FILE, TOP_FILE, MANIFEST_FILE, PAGE_FILE = "self_influence.f32", "top.jsonl", "manifest.json", "self_influence.html"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
@@ -32,10 +33,9 @@ RED, TEAL = (239, 68, 68), (20, 184, 166)
 def sequence_record(kind: str, rank: int, n: int, value: float, corpus, tokenizer, *, per_layer: dict | None = None,
                     per_token: list[float] | None = None, group: int | None = None) -> dict:
     """One audited sequence: its self-influence, splits, text, tokens and source documents."""
-    ids = [int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]]
+    tokens, text = token_pieces(tokenizer, [int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]])
     return {"kind": kind, "rank": rank, "sequence": n, "self_influence": value, "per_layer": per_layer or {},
-            "per_token": per_token, "group": group, "tokens": [tokenizer.decode([t]) for t in ids],
-            "text": tokenizer.decode(ids), "provenance": corpus.provenance[n]}
+            "per_token": per_token, "group": group, "tokens": tokens, "text": text, "provenance": corpus.provenance[n]}
 
 
 def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosine: float, corpus, tokenizer) -> dict:
