@@ -210,12 +210,17 @@ def test_the_model_is_named_by_its_path_from_the_run_beside_its_fingerprint(quer
     assert read_model(queries, {**manifest, "model": "set/by-query"}) == "set/by-query"
 
 
-def chromium_dump(url: str, profile: Path) -> str:
+def chromium_dump(url: str, profile: Path, console: list | None = None) -> str:
+    """The DOM after the page's scripts ran; the page's console messages (errors, CSP refusals) are
+    appended to `console` (Chromium logs them to stderr as `INFO:CONSOLE`)."""
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+             "--enable-logging=stderr", "--v=0", "--window-size=1280,900",
              f"--user-data-dir={profile}", "--virtual-time-budget=2000", "--dump-dom", url]
     done = subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=90)
     assert done.returncode == 0 and "<html" in done.stdout, done.stderr[-2000:]
+    if console is not None:
+        console += [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     return done.stdout
 
 
@@ -225,6 +230,7 @@ DRIVER = """<script>
   var visible = function (sel) { return Array.prototype.filter.call(d.querySelectorAll(sel),
       function (e) { return e.getClientRects().length > 0; }).length; };
   var key = function (k) { d.dispatchEvent(new KeyboardEvent("keydown", {key: k, bubbles: true})); };
+  out.tokenTexts = Array.prototype.map.call(d.querySelectorAll("li.hit .tokens"), function (e) { return e.textContent; });
   var f = d.getElementById("filter");
   f.value = "CAPITAL"; f.dispatchEvent(new Event("input"));
   out.filtered = visible("li.hit"); out.status = d.getElementById("status").textContent;
@@ -238,6 +244,9 @@ DRIVER = """<script>
   key("j"); key("j"); out.focusedAfterJJ = d.querySelector(".focused").dataset.rank;
   key("n"); out.focusedAfterN = d.querySelector(".focused").id;
   key("?"); out.helpOpen = d.getElementById("help").classList.contains("open");
+  out.clippedLayerPanels = Array.prototype.filter.call(d.querySelectorAll(".layers"),
+      function (e) { return e.scrollHeight > e.clientHeight || e.scrollWidth > e.clientWidth; }).length;
+  out.layerPanels = hits(".layers");
   d.body.dataset.test = JSON.stringify(out);
 })();
 </script>"""
@@ -247,12 +256,14 @@ DRIVER = """<script>
                     "(apt-get install -y --no-install-recommends chromium)")
 def test_chromium_renders_the_report_and_injected_code_never_runs(query_dir, tmp_path):
     page_path = export_report(query_dir, formats=("html",))["html"]
-    dom = chromium_dump(page_path.as_uri(), tmp_path / "profile")
+    console = []
+    dom = chromium_dump(page_path.as_uri(), tmp_path / "profile", console)
+    assert console == []  # no error, no refused script or style: the page runs clean under its own CSP
     assert 'data-ready="1"' in dom  # the page's own script ran under its Content-Security-Policy ...
     assert "data-pwned" not in dom and "<img" not in dom  # ... and neither injected script nor handler did
     assert "&lt;script&gt;window.__pwned = 1" in dom and "&lt;img src=x onerror=" in dom  # shown as text
     assert "The capital of France is" in dom and UNICODE_TEXT in dom
-    assert '<span class="tok" style="background:rgba(239,68,68,0.85)" title="+2.000e+00"> capital</span>' in dom
+    assert '<span class="tok" style="background:rgba(239,68,68,0.243)" title="+2.000e+00"> capital</span>' in dom
     assert re.search(r'class="tok" style="background:rgba\(20,184,166,0\.\d+\)"', dom)
     assert "7 of 7 sequences shown" in dom
 
@@ -264,10 +275,17 @@ def test_chromium_renders_the_report_and_injected_code_never_runs(query_dir, tmp
     dom = chromium_dump(harness.as_uri(), tmp_path / "profile")
     assert 'data-ready="1"' in dom and "data-pwned" not in dom and "<img" not in dom
     state = json.loads(html.unescape(re.search(r'data-test="([^"]*)"', dom).group(1)))
-    assert state == {"filtered": 1, "status": "1 of 6 sequences shown", "withoutNegative": 4, "withoutSpurious": 5,
-                     "negativeByScore": "2,1", "focusedAfterJJ": "2", "focusedAfterN": "q-1", "helpOpen": True}
+    texts = state.pop("tokenTexts")  # what the browser shows of each sequence, token spans joined
+    assert texts == [hit["text"] for record in records() for key in ("top_positive", "top_negative")
+                     for hit in record[key]]
+    assert texts[-1] == CJK_TEXT and "\ufffd" not in "".join(texts)  # non-ASCII, byte for byte
+    assert state == {"filtered": 1, "status": "1 of 7 sequences shown", "withoutNegative": 4, "withoutSpurious": 6,
+                     "negativeByScore": "2,1,1", "focusedAfterJJ": "2", "focusedAfterN": "q-1", "helpOpen": True,
+                     "clippedLayerPanels": 0, "layerPanels": 7}
 
     # The probe itself works: the same payloads, unescaped on a page without protection, do run.
     control = tmp_path / "control.html"
-    control.write_text(f"<!DOCTYPE html><html><body>{SCRIPT_PAYLOAD}{IMG_PAYLOAD}</body></html>", encoding="utf-8")
-    assert 'data-pwned="' in chromium_dump(control.as_uri(), tmp_path / "profile")
+    control.write_text(f"<!DOCTYPE html><html><body>{SCRIPT_PAYLOAD}{IMG_PAYLOAD}<script>undefinedFunction()</script>"
+                       "</body></html>", encoding="utf-8")
+    assert 'data-pwned="' in chromium_dump(control.as_uri(), tmp_path / "profile", console)
+    assert any("undefinedFunction is not defined" in line for line in console)  # and errors do reach `console`
