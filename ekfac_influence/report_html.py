@@ -66,7 +66,8 @@ def render_html(records: list[dict], manifest: dict) -> str:
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; "
            "base-uri 'none'; form-action 'none'")
     num_train = manifest.get("num_train_sequences")
-    return render_template("report.html.j2", csp=csp, style=Markup(STYLE),
+    assert '"' not in csp  # the policy is ours, not data: inserted as it is, so the file reads as the browser does
+    return render_template("report.html.j2", csp=Markup(csp), style=Markup(STYLE),
                            script=Markup(SCRIPT), summary=summary_items(manifest, records),
                            queries=[query_view(i, record, layer_order, num_train) for i, record in enumerate(records)],
                            red=RED, teal=TEAL, max_alpha=MAX_ALPHA)
