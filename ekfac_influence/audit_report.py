@@ -116,5 +116,5 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}h3{font-size:1em}.note,.
 .hist rect{fill:#6366f1}.hist text{font-size:11px;fill:#374151}li{margin:.6em 0}
 .head{font-size:.9em;color:#374151}.doc{font-family:ui-monospace,monospace}
 .tokens,.text{font-family:ui-monospace,monospace;white-space:pre-wrap;background:#f9fafb;padding:.3em;border-radius:4px}
-.tok:empty{display:inline-block;width:3px;height:1.1em;vertical-align:text-bottom}
+.tok:empty{display:inline-block;width:2px;margin-right:-2px;height:1.1em;vertical-align:text-bottom}
 .badge{background:#fde68a;border-radius:3px;padding:0 .3em}.group{border-left:3px solid #fbbf24;padding-left:.8em}"""
