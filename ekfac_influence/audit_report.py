@@ -8,34 +8,34 @@
       self_influence.html   the distribution (histogram of log10 s(n), inline SVG), the top sequences with
                             their tokens shaded by s_t(n), the near-duplicate groups; no script, no network
 
-Every string from the data goes through `html.escape`; the page's Content-Security-Policy allows no
-script and no fetch at all.
+The page is the template `assets/self_influence.html.j2`, rendered with autoescaping (every string
+from the data is escaped); its Content-Security-Policy allows no script and no fetch at all. Token
+texts are pieces of the decoded sequence (`token_text`): they concatenate to its text exactly.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from html import escape
 from pathlib import Path
 
 import numpy as np
+from markupsafe import Markup
 
 from .report_data import provenance_text
+from .report_html import render_template, sci, shade
 from .storage import staged_directory
+from .token_text import token_pieces
 
 VALUES_FILE, TOP_FILE, MANIFEST_FILE, PAGE_FILE = "self_influence.f32", "top.jsonl", "manifest.json", "self_influence.html"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
-RED, TEAL = (239, 68, 68), (20, 184, 166)
 
 
 def sequence_record(kind: str, rank: int, n: int, value: float, corpus, tokenizer, *, per_layer: dict | None = None,
                     per_token: list[float] | None = None, group: int | None = None) -> dict:
     """One audited sequence: its self-influence, splits, text, tokens and source documents."""
-    ids = [int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]]
+    tokens, text = token_pieces(tokenizer, [int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]])
     return {"kind": kind, "rank": rank, "sequence": n, "self_influence": value, "per_layer": per_layer or {},
-            "per_token": per_token, "group": group, "tokens": [tokenizer.decode([t]) for t in ids],
-            "text": tokenizer.decode(ids), "provenance": corpus.provenance[n]}
+            "per_token": per_token, "group": group, "tokens": tokens, "text": text, "provenance": corpus.provenance[n]}
 
 
 def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosine: float, corpus, tokenizer) -> dict:
@@ -63,78 +63,52 @@ def write_audit(out, values_N: np.ndarray, records: list[dict], manifest: dict, 
 
 
 def render_page(values_N: np.ndarray, records: list[dict], manifest: dict) -> str:
+    """The audit page from `assets/self_influence.html.j2` (autoescaped; no script at all)."""
     sides = [("highest", "Highest self-influence: outliers, rare or memorised text"),
              ("lowest", "Lowest self-influence: text the model finds typical")]
-    sections = "".join(f"<h2>{escape(title)}</h2><ol>{''.join(_sequence_html(r) for r in records if r['kind'] == kind)}</ol>"
-                       for kind, title in sides)
-    groups = [r for r in records if r["kind"] == "duplicate_group"]
-    group_html = "".join(_group_html(g) for g in groups) or '<p class="empty">No near-duplicate group.</p>'
     facts = [("training sequences", len(values_N)), ("strategy", manifest.get("strategy")),
-             ("median s(n)", _sci(float(np.median(values_N)) if len(values_N) else float("nan"))),
+             ("median s(n)", sci(float(np.median(values_N)) if len(values_N) else float("nan"), sign=False)),
              ("near-duplicate cosine ≥", manifest.get("duplicate_threshold"))]
-    summary = " · ".join(f"<span>{escape(str(k))} <b>{escape(str(v))}</b></span>" for k, v in facts if v is not None)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP, quote=False)}"><title>Self-influence audit</title>'
-            f'<style>{_STYLE}</style></head><body><h1>Self-influence audit</h1><p>{summary}</p>'
-            f'<p class="note">s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n): how much training on sequence n raises its own '
-            f'log-likelihood. Tokens are shaded by their share s_t(n) (red &gt; 0, teal &lt; 0).</p>'
-            f'{histogram_svg(values_N)}{sections}<h2>Near-duplicate groups '
-            f'(cosine of P<sup>1/2</sup>-whitened gradients)</h2>{group_html}</body></html>')
+    return render_template("self_influence.html.j2", csp=Markup(CSP), style=Markup(_STYLE),
+                           facts=[(label, str(value)) for label, value in facts if value is not None],
+                           histogram=histogram(values_N),
+                           sides=[(title, [_sequence_view(r) for r in records if r["kind"] == kind]) for kind, title in sides],
+                           groups=[_group_view(r) for r in records if r["kind"] == "duplicate_group"])
 
 
-def histogram_svg(values_N: np.ndarray, bins: int = 40, width: int = 720, height: int = 180) -> str:
-    """Histogram of log10 s(n) as inline SVG bars (counts on a linear axis)."""
+def histogram(values_N: np.ndarray, bins: int = 40, width: int = 720, height: int = 180) -> dict | None:
+    """Histogram of log10 s(n) as SVG bars (counts on a linear axis); None without a positive s(n)."""
     positive = np.asarray(values_N, dtype=np.float64)
     positive = positive[np.isfinite(positive) & (positive > 0)]
     if not len(positive):
-        return '<p class="empty">No positive self-influence to draw.</p>'
-    logs = np.log10(positive)
-    counts, edges = np.histogram(logs, bins=bins)
+        return None
+    counts, edges = np.histogram(np.log10(positive), bins=bins)
     peak, bar = max(int(counts.max()), 1), width / bins
-    rects = "".join(f'<rect x="{i * bar:.1f}" y="{height - 20 - (height - 30) * c / peak:.1f}" width="{bar - 1:.1f}" '
-                    f'height="{(height - 30) * c / peak:.1f}"><title>{int(c)} sequences with log10 s in '
-                    f'[{edges[i]:.2f}, {edges[i + 1]:.2f})</title></rect>' for i, c in enumerate(counts))
-    axis = (f'<text x="0" y="{height - 4}">10^{edges[0]:.2f}</text>'
-            f'<text x="{width}" y="{height - 4}" text-anchor="end">10^{edges[-1]:.2f}</text>'
-            f'<text x="{width / 2}" y="{height - 4}" text-anchor="middle">s(n), log scale; tallest bar {peak} sequences</text>')
-    return (f'<svg class="hist" role="img" aria-label="histogram of self-influence" viewBox="0 0 {width} {height}" '
-            f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{rects}{axis}</svg>')
+    rects = [{"x": f"{i * bar:.1f}", "y": f"{height - 20 - (height - 30) * c / peak:.1f}", "width": f"{bar - 1:.1f}",
+              "height": f"{(height - 30) * c / peak:.1f}", "count": int(c), "low": f"{edges[i]:.2f}",
+              "high": f"{edges[i + 1]:.2f}"} for i, c in enumerate(counts)]
+    return {"width": width, "height": height, "rects": rects, "peak": peak, "low": f"{edges[0]:.2f}",
+            "high": f"{edges[-1]:.2f}"}
 
 
-def _sci(value: float) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:.3e}"
-
-
-def _sequence_html(record: dict) -> str:
-    group = record.get("group")
-    badge = f' <span class="badge">near-duplicate group {escape(str(group))}</span>' if group is not None else ""
-    return (f'<li><div class="head"><b>#{escape(str(record["rank"]))}</b> s(n) <b>{escape(_sci(record["self_influence"]))}'
-            f'</b> · seq {escape(str(record["sequence"]))} · <span class="doc">{escape(provenance_text(record["provenance"]))}'
-            f'</span>{badge}</div><div class="tokens">{_tokens_html(record)}</div></li>')
-
-
-def _group_html(group: dict) -> str:
-    items = "".join(f'<li>seq {escape(str(m["sequence"]))} · s(n) {escape(_sci(m["self_influence"]))} · '
-                    f'<span class="doc">{escape(provenance_text(m["provenance"]))}</span><div class="text">'
-                    f'{escape(" ".join(m["text"].split())[:200])}</div></li>' for m in group["sequences"])
-    lowest = group["min_cosine"]
-    return (f'<div class="group"><h3>Group {escape(str(group["group"]))}: {escape(str(group["size"]))} sequences, '
-            f'every pairwise cosine ≥ {lowest:.3f}</h3><ul>{items}</ul></div>')
-
-
-def _tokens_html(record: dict) -> str:
-    """Token spans shaded by s_t(n): red above 0, teal below, alpha ∝ |s_t| / max_t |s_t|."""
+def _sequence_view(record: dict) -> dict:
+    """Tokens shaded by s_t(n) within the sequence (s(n) spans orders of magnitude across sequences)."""
     tokens, values = record.get("tokens"), record.get("per_token")
-    if not tokens or not values:
-        return escape(record.get("text", ""))
-    peak = max((abs(v) for v in values), default=0.0) or 1.0
-    spans = []
-    for token, value in zip(tokens, values):
-        r, g, b = RED if value > 0 else TEAL
-        alpha = round(0.85 * abs(value) / peak, 3)
-        style = f' style="background:rgba({r},{g},{b},{alpha})"' if alpha >= 0.01 else ""
-        spans.append(f'<span class="tok"{style} title="{value:+.3e}">{escape(token)}</span>')
-    return "".join(spans)
+    view = {"rank": record["rank"], "value": sci(record["self_influence"], sign=False), "sequence": record["sequence"],
+            "provenance": provenance_text(record["provenance"]), "group": record.get("group"),
+            "text": record.get("text", ""), "tokens": None}
+    if tokens and values:
+        peak = max((abs(v) for v in values), default=0.0)
+        view["tokens"] = [{"text": token, "style": shade(value, peak), "value": sci(value)}
+                          for token, value in zip(tokens, values)]
+    return view
+
+
+def _group_view(group: dict) -> dict:
+    return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}",
+            "members": [{"sequence": m["sequence"], "value": sci(m["self_influence"], sign=False),
+                         "provenance": provenance_text(m["provenance"]), "text": " ".join(m["text"].split())[:200]}
+                        for m in group["sequences"]]}
 
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:60em;color:#1f2937}
@@ -142,4 +116,5 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}h3{font-size:1em}.note,.
 .hist rect{fill:#6366f1}.hist text{font-size:11px;fill:#374151}li{margin:.6em 0}
 .head{font-size:.9em;color:#374151}.doc{font-family:ui-monospace,monospace}
 .tokens,.text{font-family:ui-monospace,monospace;white-space:pre-wrap;background:#f9fafb;padding:.3em;border-radius:4px}
+.tok:empty{display:inline-block;width:2px;margin-right:-2px;height:1.1em;vertical-align:text-bottom}
 .badge{background:#fde68a;border-radius:3px;padding:0 .3em}.group{border-left:3px solid #fbbf24;padding-left:.8em}"""

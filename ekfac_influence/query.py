@@ -40,6 +40,7 @@ from .passes import device_of, evaluation_mode
 from .precondition import compress
 from .scan import preconditioned_queries, rescore, scan
 from .storage import PassCheckpoint, StorageError, replace_directory
+from .token_text import token_pieces
 from .version import __version__
 
 SCORES_FILE, TOPK_FILE, QUERIES_FILE, MANIFEST_FILE = "scores.f32", "topk.jsonl", "queries.jsonl", "manifest.json"
@@ -260,11 +261,11 @@ def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorp
 
     def hit(rank: int, n: int, detail: dict) -> dict:
         length = int(corpus.lengths_N[n])
-        ids = [int(t) for t in corpus.tokens_NT[n, :length]]
+        tokens, text = token_pieces(tokenizer, [int(t) for t in corpus.tokens_NT[n, :length]])
         return {"rank": rank, "sequence": n, "score": detail["score"], "delta_logp": detail["score"] / num_train,
                 "spurious": is_spurious(detail["per_token"], config.spurious_threshold),
                 "per_layer": detail["per_layer"], "per_token": detail["per_token"],
-                "tokens": [tokenizer.decode([t]) for t in ids], "text": tokenizer.decode(ids),
+                "tokens": tokens, "text": text,
                 "provenance": corpus.provenance[n],
                 **({} if key == "score" else {"normalized_score": detail[key], "self_influence": detail["self_influence"]})}
 

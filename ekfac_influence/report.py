@@ -13,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .report_data import ROW_FIELDS, ReportError, flat_rows, limit_hits, provenance_text, read_manifest, read_records
+from .report_data import ROW_FIELDS, ReportError, flat_rows, limit_hits, provenance_text, read_manifest, read_model
+from .report_data import read_records
 from .report_html import render_html
 
 __all__ = ["REPORT_FILES", "ReportError", "export_report", "render_csv", "render_html", "render_jsonl"]
@@ -60,6 +61,8 @@ def export_report(query_dir, *, formats=("jsonl", "csv", "html"), out_dir=None, 
                           "command line) to replace it")
     records = limit_hits(read_records(query_dir), top)
     manifest = read_manifest(query_dir)
+    model = read_model(query_dir, manifest)
+    manifest = {**manifest, "model": model} if model else manifest
     rows = flat_rows(records) if {"jsonl", "csv"} & set(formats) else []
     render = {"jsonl": lambda: render_jsonl(rows), "csv": lambda: render_csv(rows),
               "html": lambda: render_html(records, manifest)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 TOPK_FILE, MANIFEST_FILE = "topk.jsonl", "manifest.json"
 SIDES = (("positive", "top_positive"), ("negative", "top_negative"))
 QUERY_KEYS = {"query", "id", "prompt", "completion", "contrast", "generated", "logp", "prompt_tokens",
@@ -72,6 +74,39 @@ def read_manifest(query_dir) -> dict:
     if not isinstance(manifest, dict):
         raise ReportError(f"{path}: expected a JSON object")
     return manifest
+
+
+def read_model(query_dir, manifest: dict | None = None) -> str | None:
+    """The model's name or path, as the run gave it: the query set's manifest ("model"), else the run's
+    manifest, else `model.path` of the run's saved config (`config.query.yaml`, then `config.fit.yaml`).
+
+    A query set inside a run sits at `<run>/queries/<set>/`; one written elsewhere has no run to ask.
+    None when nothing names the model (the page then shows only its fingerprint).
+    """
+    query_dir = Path(query_dir)
+    named = _model_name((manifest if manifest is not None else read_manifest(query_dir)).get("model"))
+    if named or query_dir.parent.name != "queries":
+        return named
+    run = query_dir.parent.parent
+    try:
+        named = _model_name(json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8")).get("model"))
+    except (OSError, ValueError, AttributeError):
+        named = None
+    for stage in ("query", "fit"):
+        if named:
+            break
+        try:
+            config = yaml.safe_load((run / f"config.{stage}.yaml").read_text(encoding="utf-8"))
+            named = _model_name((config.get("model") or {}).get("path"))
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return named
+
+
+def _model_name(value) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("path", value.get("name"))
+    return str(value) if isinstance(value, (str, Path)) and str(value) else None
 
 
 def limit_hits(records: list[dict], top: int | None) -> list[dict]:

@@ -153,6 +153,9 @@ def test_results_are_written_once_and_never_silently_overwritten(setting, tmp_pa
     records = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
     assert records[0]["top_positive"][0]["sequence"] == results.records[0]["top_positive"][0]["sequence"]
     assert records[0]["top_positive"][0]["provenance"][0]["doc"] in {name for name, _ in pydoc_documents()[:4]}
+    for hit in records[0]["top_positive"] + records[1]["top_negative"]:  # each token's text: a piece of the text
+        ids = corpus.tokens_NT[hit["sequence"], : corpus.lengths_N[hit["sequence"]]].tolist()
+        assert "".join(hit["tokens"]) == hit["text"] == tokenizer.decode(ids) and len(hit["tokens"]) == len(ids)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(StorageError, match="already exists"):
         query_influence(model, tokenizer, factors, corpus, QUERIES, QueryConfig(), out=out, show_progress=False)

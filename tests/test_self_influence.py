@@ -302,3 +302,33 @@ def test_identical_sequences_have_whitened_cosine_one_and_form_one_group(llama_f
                "labels": ids[[0, 1, 0, 2, 0]]}]
     W_CD = audit.whitened_gradients(model, factors["ekfac"], copies, ei.CausalLMObjective(), dtype=torch.float64)
     assert audit.duplicate_groups(audit.cosine_matrix(W_CD), 0.9) == [[0, 2, 4]]
+
+
+def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_script():
+    import html
+    import re
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from conftest import bpe_tokenizer
+    from ekfac_influence.audit_report import CSP, group_record, render_page, sequence_record
+
+    tokenizer = bpe_tokenizer()
+    texts = ["東京と京都 🎉👍🏽 naïve café", '<script>window.__pwned = 1</script><img src=x onerror="alert(1)">']
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    T = max(map(len, ids))
+    corpus = SimpleNamespace(tokens_NT=np.array([row + [0] * (T - len(row)) for row in ids], dtype=np.int32),
+                             lengths_N=np.array([len(row) for row in ids]),
+                             provenance=[[{"doc": "tokyo <b>", "row": 0}], [{"doc": "payload", "row": 1}]])
+    values_N = np.array([2.0, 0.5])
+    records = [sequence_record("highest", 1, 0, 2.0, corpus, tokenizer, per_token=[0.1] * len(ids[0])),
+               sequence_record("lowest", 1, 1, 0.5, corpus, tokenizer, per_token=[-0.01] * len(ids[1])),
+               group_record(0, [0, 1], values_N, 0.91, corpus, tokenizer)]
+    assert [r["text"] for r in records[:2]] == texts and "".join(records[0]["tokens"]) == texts[0]
+    page = render_page(values_N, records, {"strategy": "ekfac", "duplicate_threshold": 0.9})
+    shown = [html.unescape(re.sub(r"<[^>]+>", "", box)) for box in re.findall(r'<div class="tokens">(.*?)</div>', page)]
+    assert shown == texts  # the token spans, joined, are the text byte for byte: no �, no added space
+    assert "<script" not in page and "<img" not in page and "&lt;script&gt;window.__pwned" in page
+    assert "tokyo &lt;b&gt;:0" in page and "every pairwise cosine ≥ 0.910" in page and "<svg" in page
+    assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
