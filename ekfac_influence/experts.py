@@ -36,8 +36,8 @@ def is_stacked_experts(module: nn.Module) -> bool:
 
 
 def stacked_3d_parameters(model: nn.Module) -> list[str]:
-    """Names of every 3-D parameter: stacked expert weights, recognised or not."""
-    return [name for name, param in model.named_parameters() if param.dim() == 3]
+    """Names of the 3-D parameters of experts modules: stacked expert weights, recognised or not."""
+    return [name for name, param in model.named_parameters() if param.dim() == 3 and "expert" in name]
 
 
 def unsupported_layout(module: nn.Module) -> str | None:

@@ -45,21 +45,24 @@ class Capture:
         self.layers = layers
         self._inputs: dict[str, Tensor] = {}
         self._outputs: dict[str, Tensor] = {}
-        self._token_shapes: dict[str, tuple[int, ...]] = {}  # an expert's: (B, T) of the block that calls it
+        self._token_shapes: dict[str, tuple[int, ...]] = {}  # (B, T) of a layer that sees its tokens flattened
         self._handles = []
         self._patched: list[tuple[nn.Module, object]] = []  # (experts module, its own forward attribute or None)
 
     def __enter__(self) -> "Capture":
-        experts: dict[int, tuple[nn.Module, nn.Module, dict]] = {}
+        experts: dict[int, tuple[nn.Module, dict]] = {}
+        shapes: dict[int, dict] = {}  # per block: {"BT": (B, T)} of its last forward
         for layer in self.layers:
+            if layer.block is not None and id(layer.block) not in shapes:
+                shapes[id(layer.block)] = shape = {}
+                self._handles.append(layer.block.register_forward_pre_hook(functools.partial(_token_shape, shape),
+                                                                           with_kwargs=True))
             if layer.expert is None:
-                self._handles.append(layer.module.register_forward_hook(self._hook(layer.name)))
+                self._handles.append(layer.module.register_forward_hook(self._hook(layer, shapes.get(id(layer.block)))))
             else:
-                parts = experts.setdefault(id(layer.module), (layer.module, layer.block, {}))[2]
-                parts[(layer.expert, layer.projection)] = layer
-        for module, block, parts in experts.values():
-            shape = {}
-            self._handles.append(block.register_forward_pre_hook(functools.partial(_token_shape, shape), with_kwargs=True))
+                experts.setdefault(id(layer.module), (layer.module, {}))[1][(layer.expert, layer.projection)] = layer
+        for module, parts in experts.values():
+            shape = shapes[id(next(iter(parts.values())).block)]
             self._patched.append((module, module.__dict__.get("forward")))
             module.forward = functools.partial(routed_forward, module, record=functools.partial(self._record, parts, shape))
         return self
@@ -84,7 +87,7 @@ class Capture:
         if layer.name in self._outputs:
             raise CaptureError(f"layer {layer.name} ran twice in one forward pass; shared layers cannot be tracked")
         if "BT" not in shape:
-            raise CaptureError(f"the experts of {layer.name} ran outside the block that holds them")
+            raise CaptureError(f"the experts of {layer.name} ran outside the block that holds them, on unknown tokens")
         N = math.prod(shape["BT"])
         self._inputs[layer.name] = a_nI.new_zeros(N, a_nI.shape[-1]).index_copy(0, token_n, a_nI.detach())
         s_NO = s_nO.new_zeros(N, s_nO.shape[-1]).index_copy(0, token_n, s_nO)
@@ -94,7 +97,9 @@ class Capture:
         self._token_shapes[layer.name] = shape["BT"]
         return s_NO[token_n]
 
-    def _hook(self, name: str):
+    def _hook(self, layer: TrackedLayer, shape: dict | None):
+        name = layer.name
+
         def hook(module, inputs, output):
             if name in self._outputs:
                 raise CaptureError(f"layer {name} ran twice in one forward pass; shared layers cannot be tracked")
@@ -104,6 +109,8 @@ class Capture:
                 # so that the gradient reaches it. Layers further on then have a graph as usual.
                 output = output.detach().requires_grad_(True)
             self._outputs[name] = output
+            if shape and output.dim() == 2 and output.shape[0] == math.prod(shape["BT"]) != shape["BT"][0]:
+                self._token_shapes[name] = shape["BT"]  # the block's tokens, flattened (OPT's fc1)
             return output
 
         return hook
@@ -139,7 +146,9 @@ class Capture:
 
 def _token_shape(shape: dict, block: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a MoE block: the (B, T) of its hidden states, which its experts see flattened."""
-    hidden = args[0] if args else next(iter(kwargs.values()))
+    hidden = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+    if not isinstance(hidden, Tensor):
+        return
     shape["BT"] = tuple(hidden.shape[:-1])
 
 

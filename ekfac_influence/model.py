@@ -14,10 +14,10 @@ transformer blocks (a small classifier) tracks every Linear/Conv1D.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,12 +45,13 @@ class LayerSelectionError(ValueError):
     """Layer patterns matched nothing, or matched a module that cannot be tracked."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrackedLayer:
     """A linear layer whose weight gradient is factored. `in_dim` counts the bias column.
 
-    An expert's projection has `module` = the experts module, `expert` = e, `projection` = the name
-    of the stacked weight and `block` = the module that calls the experts on its [B, T, H] tokens.
+    An expert's projection has `module` = the experts module, `expert` = e and `projection` = the
+    name of the stacked weight. `block` is the module whose input is [B, T, H] when this layer sees
+    its tokens flattened to [B·T, ·] (OPT's fc1, every expert), so that a capture can restore (B, T).
     """
 
     name: str
@@ -117,10 +118,19 @@ def candidate_layers(model: nn.Module) -> list[TrackedLayer]:
     candidates = []
     for name, module in modules.items():
         if (layer := _as_tracked(name, module)) is not None:
-            candidates.append(layer)
+            candidates.append(dataclasses.replace(layer, block=_enclosing_block(name, modules)))
         elif is_stacked_experts(module):
             candidates += _expert_parts(name, module, modules[name.rpartition(".")[0]])
     return candidates
+
+
+def _enclosing_block(name: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The nearest enclosing module that is an item of a ModuleList (`layers.3`, `h.3`): a transformer block."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end - 1].isdigit():
+            return modules[".".join(parts[:end])]
+    return None
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -170,7 +180,7 @@ def _default_selection(model: nn.Module, candidates: list[TrackedLayer]) -> list
     layouts = {why for module in model.modules() if is_stacked_experts(module) and (why := unsupported_layout(module))}
     raise LayerSelectionError(
         f"{type(model).__name__}: no MLP layer recognised by the default selection (docs/design.md §1, tracked "
-        f"layers), and tracking every linear would take in attention and the output head. Its Linear-like modules: "
+        f"layers), and tracking every linear would take in attention (or whatever else) and the output head. Its Linear-like modules: "
         f"{shown}" + (f"; 3-D (stacked expert) weights: {', '.join(stacked[:6])}" if stacked else "")
         + (f" ({'; '.join(sorted(layouts))}: not supported)" if layouts else "")
         + ". Name the MLP layers with regular expressions: factors.layers in the run config (e.g. --factors.layers "
