@@ -19,11 +19,11 @@ import ekfac_influence as ei
 EXACT = dict(rtol=1e-10, atol=1e-14)
 
 
-def tiny_mixtral(experts: int = 4, top_k: int = 2, seed: int = 0) -> nn.Module:
-    """A 2-block Mixtral (hidden 16, expert intermediate 32), float64, eager experts (grouped_mm has no float64 on CPU)."""
+def tiny_mixtral(experts: int = 4, top_k: int = 2, seed: int = 0, intermediate: int = 32) -> nn.Module:
+    """A 2-block Mixtral (hidden 16), float64, eager experts (grouped_mm has no float64 on CPU)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, max_position_embeddings=64, num_local_experts=experts,
                            num_experts_per_tok=top_k, tie_word_embeddings=False)
     config._attn_implementation, config._experts_implementation = "sdpa", "eager"
