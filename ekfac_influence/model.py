@@ -159,7 +159,7 @@ def select_layers(model: nn.Module, patterns: tuple[str, ...] | None = None) -> 
             if not any(pattern.search(layer.name) for layer in candidates):
                 examples = ", ".join(layer.name for layer in candidates[:6])
                 raise LayerSelectionError(
-                    f"layer pattern {pattern.pattern!r} matches no Linear/Conv1D module or expert; names look like: {examples}"
+                    f"layer pattern {pattern.pattern!r} matches no Linear/Conv1D module; names look like: {examples}"
                 )
         selected = [layer for layer in candidates if any(p.search(layer.name) for p in compiled)]
     _refuse_tied(model, selected)
