@@ -44,8 +44,10 @@ class FactorConfig:
     """Curvature approximation: identity, diagonal, kfac, ekfac (default), lissa, exact."""
 
     layers: tuple[str, ...] | None = None
-    """Regular expressions matched (re.search) against module names; None = the MLP linears of
-    every transformer block, or every Linear/Conv1D when the model has no such blocks."""
+    """Regular expressions matched (re.search) against layer names (an expert's projection:
+    `...mlp.experts.<e>.down_proj`); None = the MLP linears and experts of every transformer block
+    (a transformer whose MLP is not recognised is refused), or every Linear/Conv1D when the model
+    has no such blocks. Never the embeddings or output head by default; a tied weight is refused."""
 
     damping_factor: float = 0.1
     """Per-layer damping λ_ℓ = damping_factor × mean(Λ_ℓ), used when `damping` is not set."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import FactorConfig, from_dict, to_dict
-from .model import TrackedLayer, fingerprint, select_layers
+from .model import TrackedLayer, candidate_layers, fingerprint
 from .storage import StorageError, read_stage, write_stage
 from .version import __version__
 
@@ -272,7 +272,7 @@ class FactorMismatchError(ValueError):
 
 def check_factors_match(factors: Factors, model: nn.Module) -> list[TrackedLayer]:
     """The model's tracked layers for these factors; refuses factors of another model or layers."""
-    by_name = {layer.name: layer for layer in select_layers(model, (".*",))}
+    by_name = {layer.name: layer for layer in candidate_layers(model)}
     missing = [name for name in factors.layer_names if name not in by_name]
     if missing:
         raise FactorMismatchError(f"factors were fitted for layers this model does not have: {', '.join(missing)}")

@@ -2,38 +2,57 @@
 
 A tracked layer computes `s = W a + b` with `W` of shape O × I. `torch.nn.Linear` stores `W` as
 O × I; Hugging Face's GPT-2 `Conv1D` stores it as I × O (`transposed=True`). Both are handled as
-they are, without rewriting the model.
+they are, without rewriting the model. An expert of a mixture-of-experts block is a layer too: its
+`gate_up_proj` and `down_proj` are slices `[e]` of stacked 3-D weights (`experts`), named
+`<experts module>.<e>.<projection>`, e.g. `model.layers.0.mlp.experts.3.down_proj`.
+
+The default selection (docs/design.md §1, "Tracked layers"): in a transformer, the MLP linears of
+every block and every expert, never the embeddings, the output head or the router; a transformer
+whose MLP is not recognised is refused, naming its Linear-like modules. A model without
+transformer blocks (a small classifier) tracks every Linear/Conv1D.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .experts import PROJECTIONS, is_stacked_experts, projection_shape, stacked_3d_parameters, unsupported_layout
+
 try:  # transformers is a dependency, but the engine also works on plain PyTorch models
+    from transformers import PreTrainedModel
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
-    Conv1D = ()
+    Conv1D, PreTrainedModel = (), ()
 
-# Module names of the MLP (feed-forward) linears in the transformer families we know.
+# Module names of the MLP (feed-forward) linears in the transformer families we know (README, "Tested
+# families"): `mlp.c_fc` (GPT-2), `mlp.fc_in` (GPT-J), `mlp.dense_h_to_4h` (GPT-NeoX, Falcon, BLOOM),
+# `mlp.fc1` (Phi), `mlp.gate_up_proj` (Phi-3), `mlp.gate_proj` (Llama and most others), a MoE block's
+# dense shared experts (`mlp.shared_expert(s).gate_proj`), and OPT's `layers.N.fc1` (no MLP module).
 MLP_PATTERN = re.compile(
-    r"(^|\.)(mlp|feed_forward|ffn|ff)\.(c_fc|c_proj|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|down_proj|"
-    r"dense_h_to_4h|dense_4h_to_h|w1|w2|w3|wi|wo|gate_up_proj)$"
+    r"(^|\.)((mlp|feed_forward|ffn|ff)(\.shared_experts?)?\.(c_fc|c_proj|fc1|fc2|fc_in|fc_out|gate_proj|up_proj|"
+    r"down_proj|dense_h_to_4h|dense_4h_to_h|w1|w2|w3|wi|wo|gate_up_proj)|layers\.\d+\.(fc1|fc2))$"
 )
+ATTENTION_PATTERN = re.compile(r"attn|attention", re.IGNORECASE)  # the last part of a module name
 
 
 class LayerSelectionError(ValueError):
     """Layer patterns matched nothing, or matched a module that cannot be tracked."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrackedLayer:
-    """A linear layer whose weight gradient is factored. `in_dim` counts the bias column."""
+    """A linear layer whose weight gradient is factored. `in_dim` counts the bias column.
+
+    An expert's projection has `module` = the experts module, `expert` = e and `projection` = the
+    name of the stacked weight. `block` is the module whose input is [B, T, H] when this layer sees
+    its tokens flattened to [B·T, ·] (OPT's fc1, every expert), so that a capture can restore (B, T).
+    """
 
     name: str
     module: nn.Module
@@ -41,6 +60,9 @@ class TrackedLayer:
     out_features: int
     has_bias: bool
     transposed: bool  # weight stored I × O (GPT-2 Conv1D)
+    expert: int | None = None
+    projection: str = "weight"
+    block: nn.Module | None = None
 
     @property
     def in_dim(self) -> int:
@@ -50,13 +72,23 @@ class TrackedLayer:
     def num_params(self) -> int:
         return self.out_features * self.in_dim
 
-    def gradient_OI(self) -> torch.Tensor:
-        """The parameter gradient (.grad) in the engine's O × I layout, bias as last column."""
-        weight = self.module.weight.grad
+    @property
+    def parameters(self) -> tuple[nn.Parameter, ...]:
+        """The parameters this layer's gradient lives in (an expert's: the whole stacked weight)."""
+        weight = getattr(self.module, self.projection)
+        return (weight, self.module.bias) if self.has_bias else (weight,)
+
+    def layout_OI(self, grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """O × I (bias as last column) from gradients shaped like `parameters`."""
+        weight = grads[0] if self.expert is None else grads[0][self.expert]
         weight_OI = weight.T if self.transposed else weight
         if not self.has_bias:
             return weight_OI
-        return torch.cat([weight_OI, self.module.bias.grad[:, None]], dim=1)
+        return torch.cat([weight_OI, grads[1][:, None]], dim=1)
+
+    def gradient_OI(self) -> torch.Tensor:
+        """The parameter gradient (.grad) in the engine's O × I layout, bias as last column."""
+        return self.layout_OI(tuple(param.grad for param in self.parameters))
 
 
 def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
@@ -68,27 +100,105 @@ def _as_tracked(name: str, module: nn.Module) -> TrackedLayer | None:
     return None
 
 
+def _expert_parts(name: str, module: nn.Module, block: nn.Module) -> list[TrackedLayer]:
+    """One TrackedLayer per expert and projection of a stacked experts module (none for a layout we cannot run)."""
+    if unsupported_layout(module) is not None:
+        return []
+    parts = []
+    for e in range(module.num_experts):
+        for projection in PROJECTIONS:
+            O, I = projection_shape(module, projection)
+            parts.append(TrackedLayer(f"{name}.{e}.{projection}", module, I, O, False, False, e, projection, block))
+    return parts
+
+
+def candidate_layers(model: nn.Module) -> list[TrackedLayer]:
+    """Every layer that could be tracked, in module order: Linear, Conv1D, and each expert's projections."""
+    modules = dict(model.named_modules())
+    candidates = []
+    for name, module in modules.items():
+        if (layer := _as_tracked(name, module)) is not None:
+            candidates.append(dataclasses.replace(layer, block=_enclosing_block(name, modules)))
+        elif is_stacked_experts(module):
+            candidates += _expert_parts(name, module, modules[name.rpartition(".")[0]])
+    return candidates
+
+
+def _enclosing_block(name: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The nearest enclosing module that is an item of a ModuleList (`layers.3`, `h.3`): a transformer block."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end - 1].isdigit():
+            return modules[".".join(parts[:end])]
+    return None
+
+
+def is_transformer(model: nn.Module) -> bool:
+    """A Hugging Face model, or any model with a module named like attention: its MLP must be found."""
+    return isinstance(model, PreTrainedModel) or any(
+        ATTENTION_PATTERN.search(name.rpartition(".")[2]) or isinstance(module, nn.MultiheadAttention)
+        for name, module in model.named_modules())
+
+
 def select_layers(model: nn.Module, patterns: tuple[str, ...] | None = None) -> list[TrackedLayer]:
     """Tracked layers in module order.
 
-    patterns: regular expressions searched in module names. None = the MLP linears of every
-    transformer block (the paper's choice); a model without such blocks tracks every Linear/Conv1D.
+    patterns: regular expressions searched in layer names. None = the MLP linears of every
+    transformer block and every expert's projections (the paper's choice), never the output head;
+    a transformer without a recognised MLP is refused; a model without transformer blocks tracks
+    every Linear/Conv1D. A weight tied to another use (an output head sharing the embedding) is refused.
     """
-    candidates = [layer for name, module in model.named_modules() if (layer := _as_tracked(name, module))]
+    candidates = candidate_layers(model)
     if not candidates:
         raise LayerSelectionError(f"{type(model).__name__} has no nn.Linear or Conv1D layer to track")
     if patterns is None:
-        mlp = [layer for layer in candidates if MLP_PATTERN.search(layer.name)]
-        return mlp or candidates
-    compiled = [re.compile(pattern) for pattern in patterns]
-    selected = [layer for layer in candidates if any(p.search(layer.name) for p in compiled)]
-    for pattern in compiled:
-        if not any(pattern.search(layer.name) for layer in candidates):
-            examples = ", ".join(layer.name for layer in candidates[:6])
-            raise LayerSelectionError(
-                f"layer pattern {pattern.pattern!r} matches no Linear/Conv1D module; names look like: {examples}"
-            )
+        selected = _default_selection(model, candidates)
+    else:
+        compiled = [re.compile(pattern) for pattern in patterns]
+        for pattern in compiled:
+            if not any(pattern.search(layer.name) for layer in candidates):
+                examples = ", ".join(layer.name for layer in candidates[:6])
+                raise LayerSelectionError(
+                    f"layer pattern {pattern.pattern!r} matches no Linear/Conv1D module; names look like: {examples}"
+                )
+        selected = [layer for layer in candidates if any(p.search(layer.name) for p in compiled)]
+    _refuse_tied(model, selected)
     return selected
+
+
+def _default_selection(model: nn.Module, candidates: list[TrackedLayer]) -> list[TrackedLayer]:
+    if not is_transformer(model):
+        return candidates
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selected = [layer for layer in candidates if layer.module is not head
+                and (layer.expert is not None or MLP_PATTERN.search(layer.name))]
+    if selected:
+        return selected
+    linears = [layer.name for layer in candidates]
+    shown = ", ".join(linears[:12]) + (f", ... ({len(linears)} in all)" if len(linears) > 12 else "")
+    stacked = stacked_3d_parameters(model)
+    layouts = {why for module in model.modules() if is_stacked_experts(module) and (why := unsupported_layout(module))}
+    raise LayerSelectionError(
+        f"{type(model).__name__}: no MLP layer recognised by the default selection (docs/design.md §1, tracked "
+        f"layers), and tracking every linear would take in attention (or whatever else) and the output head. Its Linear-like modules: "
+        f"{shown}" + (f"; 3-D (stacked expert) weights: {', '.join(stacked[:6])}" if stacked else "")
+        + (f" ({'; '.join(sorted(layouts))}: not supported)" if layouts else "")
+        + ". Name the MLP layers with regular expressions: factors.layers in the run config (e.g. --factors.layers "
+        "'[mlp\\.]'), or FactorConfig(layers=(...)) in Python")
+
+
+def _refuse_tied(model: nn.Module, layers: list[TrackedLayer]) -> None:
+    """A weight used in two places (tie_word_embeddings) gets gradient from both; a hook sees one. Refused."""
+    uses: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(param), []).append(name)
+    for layer in layers:
+        names = uses.get(id(layer.parameters[0]), [])
+        if len(names) > 1:
+            raise LayerSelectionError(
+                f"layer {layer.name} cannot be tracked: its weight is tied, one tensor used as {' and '.join(names)} "
+                f"(e.g. tie_word_embeddings), so its gradient has parts a hook on {layer.name} "
+                f"does not see. Leave it out of factors.layers, or untie the weights (tie_word_embeddings=False)")
 
 
 def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> str:

@@ -11,7 +11,9 @@ import functools
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+import ekfac_influence as ei
 
 torch.set_num_threads(int(os.environ.get("EKFAC_TEST_THREADS", "1")))  # tiny ops: 1 thread beats 2 contended ones
 
@@ -193,3 +195,31 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- dense references of the fitted factors
+
+
+def layer_slices(factors: ei.Factors) -> dict[str, slice]:
+    slices, offset = {}, 0
+    for layer in factors.layers:
+        slices[layer.name] = slice(offset, offset + layer.out_dim * layer.in_dim)
+        offset += layer.out_dim * layer.in_dim
+    return slices
+
+
+def dense_inverse_product(layer: ei.LayerFactors, V_QP: Tensor) -> Tensor:
+    """V H_ℓ, H_ℓ = (Q_S ⊗ Q_A) diag(1 / (Λ + λ)) (Q_S ⊗ Q_A)ᵀ with the [O·I, O·I] Kronecker product formed
+    densely (rows of V: row-major O × I gradients); applied factor by factor, not multiplied out (P² not P³)."""
+    Q_PP = torch.kron(layer.QS_OO.double(), layer.QA_II.double())
+    return ((V_QP @ Q_PP) / (layer.lambda_OI.double().reshape(-1) + layer.damping)) @ Q_PP.T
+
+
+def preconditioned(factors: ei.Factors, grads_QP: Tensor) -> Tensor:
+    """H ∇f per layer (identity: ∇f itself), [Q, P]; H_ℓ is symmetric."""
+    if factors.strategy == "identity":
+        return grads_QP
+    out = grads_QP.clone()
+    for layer, where in zip(factors.layers, layer_slices(factors).values()):
+        out[:, where] = dense_inverse_product(layer, grads_QP[:, where])
+    return out

@@ -86,3 +86,17 @@ def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scor
     for key, value in one.items():
         if key not in ("sharded", "fingerprint") and not key.endswith("QA_II"):
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_fit_the_experts_of_a_mixture_of_experts_model_as_one_does(tmp_path):
+    """Per-expert A_e, S_e, Λ_e (each process routes its own tokens) and the scores of a tiny Mixtral, 1 vs 2 processes."""
+    run_alone_and_on_two_processes(WORKER.parent / "distributed_moe.py", tmp_path / "one.safetensors",
+                                   tmp_path / "two.safetensors")
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert int(one["world"]) == 1 and int(two["world"]) == 2
+    assert one["counts"].tolist() == two["counts"].tolist() == [11, 11 * 12]
+    assert sum(".experts." in key for key in one) == 3 * 2 * 4 * 2  # A, S, Λ of 2 projections × 4 experts × 2 blocks
+    for key, value in one.items():
+        if key != "world":
+            assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)

@@ -25,8 +25,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _trained_llama_state, bpe_tokenizer, char_sequences, correlation, encode_chars, lm_batches, \
-    make_gpt2, make_llama, query_batches, train_lm
+from conftest import _trained_llama_state, bpe_tokenizer, char_sequences, correlation, encode_chars, layer_slices, \
+    lm_batches, make_gpt2, make_llama, preconditioned, query_batches, train_lm
 from torch import Tensor, nn
 from torch.testing import assert_close
 from transformers.pytorch_utils import Conv1D
@@ -107,31 +107,6 @@ class SequenceSplit:
             out = out + torch.einsum("to,qoi,ti->qt", d_TO, V_QOI, a_TI)
             offset += O * I
         return out
-
-
-def layer_slices(factors: ei.Factors) -> dict[str, slice]:
-    slices, offset = {}, 0
-    for layer in factors.layers:
-        slices[layer.name] = slice(offset, offset + layer.out_dim * layer.in_dim)
-        offset += layer.out_dim * layer.in_dim
-    return slices
-
-
-def dense_inverse_product(layer: ei.LayerFactors, V_QP: Tensor) -> Tensor:
-    """V H_ℓ, H_ℓ = (Q_S ⊗ Q_A) diag(1 / (Λ + λ)) (Q_S ⊗ Q_A)ᵀ with the [O·I, O·I] Kronecker product formed
-    densely (rows of V: row-major O × I gradients); applied factor by factor, not multiplied out (P² not P³)."""
-    Q_PP = torch.kron(layer.QS_OO.double(), layer.QA_II.double())
-    return ((V_QP @ Q_PP) / (layer.lambda_OI.double().reshape(-1) + layer.damping)) @ Q_PP.T
-
-
-def preconditioned(factors: ei.Factors, grads_QP: Tensor) -> Tensor:
-    """H ∇f per layer (identity: ∇f itself), [Q, P]; H_ℓ is symmetric."""
-    if factors.strategy == "identity":
-        return grads_QP
-    out = grads_QP.clone()
-    for layer, where in zip(factors.layers, layer_slices(factors).values()):
-        out[:, where] = dense_inverse_product(layer, grads_QP[:, where])
-    return out
 
 
 def padded(tokens_NT: Tensor, layout: list[tuple[int, int, int]]) -> tuple[list[dict], list[int]]:
