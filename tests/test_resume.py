@@ -59,7 +59,7 @@ def project(tmp_path_factory):
     return root
 
 
-def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 120) -> int:
+def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 600) -> int:
     """SIGKILL the process once `progress` (a checkpoint's JSON) says at least `at_batch` batches are done."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -145,7 +145,7 @@ def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_pr
               "ekfac_influence", "fit", "--config", "two.yaml", "--quiet"]
     process = subprocess.Popen(niced(launch), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = project / run / "factors.partial" / "covariances.rank1.json"
-    deadline = time.time() + 180
+    deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:
             pytest.fail("the 2-process fit ended before it could be killed")
