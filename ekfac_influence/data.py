@@ -76,6 +76,32 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
     return dataset
 
 
+def corpus_source(path, known: dict | None = None) -> dict:
+    """What a corpus path holds, by content: {"sha256", "files"}, however the path is spelled.
+
+    sha256 is over every file's name (relative to the corpus directory) and bytes, so a copied or
+    moved corpus is the same corpus and an edited one is not. `files` lists each file's resolved
+    path, size and modification time: when they equal those of `known` (an earlier result), its
+    sha256 is reused instead of reading a large corpus again. `pydoc:topics` is hashed by its text.
+    """
+    if str(path) == "pydoc:topics":
+        from pydoc_data.topics import topics
+
+        return {"sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(), "files": []}
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"corpus {path} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    if known and known.get("files") == stats and known.get("sha256"):
+        return {"sha256": known["sha256"], "files": stats}
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update((file.relative_to(root).as_posix() if root.is_dir() else "").encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    return {"sha256": digest.hexdigest(), "files": stats}
+
+
 @dataclass
 class PackedCorpus:
     """Fixed-length training sequences and where each came from.

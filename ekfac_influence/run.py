@@ -28,7 +28,8 @@ from .audit import cosine_matrix, duplicate_groups, whitened_gradients
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
-from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
+from .data import (DataError, PackedCorpus, PackedDataset, corpus_source, dataset_documents, load_corpus, pack_to_disk,
+                   read_queries)
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
@@ -59,20 +60,33 @@ def load_model(config: RunConfig):
 
 
 def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, show_progress: bool = True) -> PackedCorpus:
-    """The run's packed corpus: reused when packed from the same corpus config and tokenizer, else packed now."""
+    """The run's packed corpus: reused when packed from the same content, settings and tokenizer, else packed now.
+
+    A corpus is known by its content (data.corpus_source), not by how its path is spelled: a moved
+    or copied corpus or run directory is the same. When the source is gone, a packed corpus whose
+    settings and tokenizer match is used as it is.
+    """
     path = Path(config.run) / CORPUS
-    wanted = {"corpus": to_dict(config.corpus), "tokenizer_id": tokenizer_hash(tokenizer)}
+    source = None
     if path.exists():
         corpus = PackedCorpus.load(path)
-        if {"corpus": corpus.meta.get("corpus"), "tokenizer_id": corpus.tokenizer_id} == wanted:
+        known = corpus.meta.get("source")
+        if config.corpus.path and (config.corpus.path == "pydoc:topics" or Path(config.corpus.path).exists()):
+            source = corpus_source(config.corpus.path, known)
+        differences = _corpus_differences(corpus, config, tokenizer, source)
+        if not differences:
+            if source is None:
+                distributed.print0(f"note: corpus {config.corpus.path or '(none given)'} is not at hand; using the "
+                                   f"corpus packed in {path}")
             return corpus
         if not overwrite:
-            raise StorageError(f"{path} was packed from another corpus config or tokenizer; pass --overwrite to pack "
-                               f"it again (the factors, index and queries of this run then no longer apply) or use "
-                               f"another run directory")
+            raise StorageError(f"{path} was packed from another corpus: {'; '.join(differences)}. Pass --overwrite to "
+                               f"pack it again (the factors, index and queries of this run then no longer apply) or "
+                               f"use another run directory")
     if distributed.is_main():
         if not config.corpus.path:
             raise DataError("no corpus given: set corpus.path (a JSONL, text, parquet or CSV file, or a saved dataset)")
+        source = source or corpus_source(config.corpus.path)
         dataset = load_corpus(config.corpus.path, text_column=config.corpus.text_column, split=config.corpus.split)
         if config.corpus.id_column is not None and config.corpus.id_column not in dataset.column_names:
             raise DataError(f"corpus {config.corpus.path} has no id column {config.corpus.id_column!r} (columns: "
@@ -84,12 +98,29 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
                            f"{config.corpus.length} tokens")
         try:
             pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
-                         separate_documents=config.corpus.separate_documents,
-                         show_progress=show_progress, total=len(dataset), meta={"corpus": to_dict(config.corpus)})
+                         separate_documents=config.corpus.separate_documents, show_progress=show_progress,
+                         total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
         except DataError as error:
             raise DataError(f"corpus {config.corpus.path}: {error}") from None
     distributed.barrier()
     return PackedCorpus.load(path)
+
+
+def _corpus_differences(corpus: PackedCorpus, config: RunConfig, tokenizer, source: dict | None) -> list[str]:
+    """What differs between a packed corpus and the one `config` asks for, in words (path spelling is not a difference)."""
+    packed, wanted = dict(corpus.meta.get("corpus") or {}), to_dict(config.corpus)
+    found = [f"corpus.{key} = {packed.get(key)!r} (now {value!r})" for key, value in wanted.items()
+             if key != "path" and packed.get(key) != value]
+    known = corpus.meta.get("source")
+    if known is None:  # packed before corpora were known by content: the path as written is all there is
+        if packed.get("path") != wanted["path"]:
+            found.append(f"corpus.path = {packed.get('path')!r} (now {wanted['path']!r})")
+    elif source is not None and source["sha256"] != known.get("sha256"):
+        found.append(f"the content of {config.corpus.path} (sha256 {source['sha256'][:12]}, packed from "
+                     f"{known.get('sha256', '?')[:12]}: the corpus changed or another one is named)")
+    if corpus.tokenizer_id != tokenizer_hash(tokenizer):
+        found.append(f"the tokenizer (id {tokenizer_hash(tokenizer)}, packed with {corpus.tokenizer_id})")
+    return found
 
 
 def training_loader(corpus: PackedCorpus, batch_size: int, num_workers: int):

@@ -206,11 +206,17 @@ def run_config_from_dict(values: dict, *, source: str = "config") -> RunConfig:
     return RunConfig(run=run, **sections)
 
 
+PATH_FIELDS = (("model", "path"), ("corpus", "path"), ("queries", "file"))  # inputs a config may name by path
+
+
 def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
     """A RunConfig from a YAML file (optional) and dotted overrides such as ("query.rank", "64").
 
-    Override values are parsed as YAML scalars or lists: "64" is an int, "null" is None,
-    "[gate_proj, up_proj]" a list.
+    Relative paths in the file are relative to the file's directory: `run` always; model.path,
+    corpus.path and queries.file when they exist there (else they are taken as written: a path from
+    the working directory, or a Hugging Face id in the local cache). Paths on the command line are
+    relative to the working directory. Override values are parsed as YAML scalars or lists: "64" is
+    an int, "null" is None, "[gate_proj, up_proj]" a list.
     """
     import yaml
 
@@ -222,8 +228,10 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         file = Path(path)
         if not file.exists():
             raise ConfigError(f"config file {file} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"config file {file} is not a file; give a YAML file")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -232,6 +240,7 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         source = str(file)
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: expected a mapping of sections (run, model, corpus, ...)")
+        values = _relative_to(values, file.parent)
     for dotted, raw in overrides:
         parts = dotted.split(".")
         if parts == ["run"]:
@@ -250,8 +259,37 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
     return run_config_from_dict(values, source=source)
 
 
+def _is_relative_path(value) -> bool:
+    import os
+
+    return isinstance(value, str) and bool(value) and ":" not in value and not os.path.isabs(os.path.expanduser(value))
+
+
+def _relative_to(values: dict, base) -> dict:
+    """The file's values with its relative paths joined to `base` (the config file's directory)."""
+    import os
+
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    if _is_relative_path(values.get("run")):
+        values["run"] = os.path.normpath(os.path.join(base, values["run"]))
+    for section, key in PATH_FIELDS:
+        entry = values.get(section)
+        if isinstance(entry, dict) and _is_relative_path(entry.get(key)):
+            joined = os.path.normpath(os.path.join(base, entry[key]))
+            if os.path.exists(joined):
+                entry[key] = joined
+    return values
+
+
 def save_run_config(config: RunConfig) -> str:
-    """The resolved config as YAML (saved in the run directory by every stage)."""
+    """The resolved config as YAML, for the run directory: it works from there, wherever the directory goes.
+
+    `run` is "." (the file's own directory); a path inside the run directory is written relative to
+    it, any other existing path absolute, and a name that is no local path (a Hugging Face id,
+    pydoc:topics, package:...) as it is. Loaded with load_run_config, the copy resolves them again.
+    """
+    import os
+
     import yaml
 
     def plain(value):
@@ -261,4 +299,16 @@ def save_run_config(config: RunConfig) -> str:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+    values = plain(config.to_dict())
+    run = os.path.realpath(config.run)
+    values["run"] = "."
+    for section, key in PATH_FIELDS:
+        value = values[section][key]
+        if _is_relative_path(value) or (isinstance(value, str) and os.path.isabs(value)):
+            if os.path.exists(value):
+                absolute = os.path.realpath(value)
+                inside = absolute == run or absolute.startswith(run + os.sep)
+                values[section][key] = os.path.relpath(absolute, run) if inside else absolute
+    header = ("# the resolved config of this run: paths are relative to this file's directory (the run directory)\n"
+              "# e.g. ekfac-influence export --config <run>/config.query.yaml\n")
+    return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

@@ -102,3 +102,39 @@ def test_a_typo_in_an_override_is_named_with_a_suggestion(tmp_path, capsys):
     assert main(["fit", "--config", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert "unknown key query.rnak (did you mean query.rank?)" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_moved_or_copied_run_directory_works_from_its_own_saved_config(tmp_path):
+    """Paths in a saved config resolve relative to it; the corpus is known by its content, not its path's spelling."""
+    import shutil
+
+    make_project(tmp_path)
+    for stage in ("fit", "index", "query"):
+        done = run_cli(stage, "--config", "run.yaml", "--quiet", cwd=tmp_path)
+        assert done.returncode == 0, f"{stage}: {done.stderr[-3000:]}"
+    saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "config.query.yaml").read_text())
+    assert saved["run"] == "." and saved["model"]["path"] == str(tmp_path / "model")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(tmp_path / "runs" / "tiny", tmp_path / "elsewhere" / "moved")
+    moved = tmp_path / "elsewhere" / "moved"
+    # from another working directory, with only the run's own config
+    exported = run_cli("export", "--config", str(moved / "config.query.yaml"), cwd=tmp_path / "elsewhere")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (moved / "queries" / "first" / "report.html").exists()
+    again = run_cli("query", "--config", "moved/config.query.yaml", "--quiet", "--queries.name", "again",
+                    "--prompt", "The while statement", "--completion", " repeats", cwd=tmp_path / "elsewhere")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((moved / "queries" / "again" / "topk.jsonl").read_text().splitlines()[0])["top_positive"]
+    # the original config pointed at the moved run, its corpus spelled another way: same corpus, nothing to do
+    shutil.copytree(moved, tmp_path / "copy")
+    reused = run_cli("fit", "--config", "run.yaml", "--quiet", "--run", "copy", "--corpus.path", "./corpus.jsonl",
+                     cwd=tmp_path)
+    assert reused.returncode == 0 and "nothing to do" in reused.stdout, reused.stderr[-2000:]
+    # another corpus under the same name: refused, saying what differs
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"name": "x", "text": "another text entirely"}) + "\n")
+    refused = run_cli("fit", "--config", "run.yaml", "--quiet", "--run", "copy", cwd=tmp_path)
+    assert refused.returncode == 2 and "the content of" in refused.stderr and "Traceback" not in refused.stderr
+    longer = run_cli("index", "--config", str(tmp_path / "copy" / "config.fit.yaml"), "--corpus.length", "64",
+                     cwd=tmp_path)
+    assert longer.returncode == 2 and "corpus.length = 32 (now 64)" in longer.stderr, longer.stderr
