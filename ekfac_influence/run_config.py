@@ -13,8 +13,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import (ConfigError, EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require,
-                     did_you_mean, from_dict, to_dict)
+from .config import (CANDIDATES, CORRECTION_ORDERS, DTYPES, INITS, NORMALIZATIONS, STRATEGIES, ConfigError,
+                     EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require, did_you_mean, from_dict,
+                     to_dict)
+
+MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
+WEIGHTINGS = ("bm25", "tfidf")
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,8 @@ class ModelConfig:
     """The causal LM being explained."""
 
     path: str = ""
-    """A save_pretrained directory or a .gguf file (never downloaded)."""
+    """A save_pretrained directory, a .gguf file, or a Hugging Face id already in the local cache
+    (e.g. openai-community/gpt2; never downloaded)."""
 
     dtype: str = "float32"
     """dtype the weights are loaded in: float32, bfloat16 or float16."""
@@ -35,8 +40,7 @@ class ModelConfig:
     too large for one GPU); results are those of the unsharded model."""
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype",
-                 f"{self.dtype!r} is not one of float32, float64, bfloat16, float16")
+        _require(self.dtype in MODEL_DTYPES, "model.dtype", f"{self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
         if self.device != "auto":
             import torch
 
@@ -108,13 +112,15 @@ class IndexConfig:
     """bm25 (the paper's modified BM25 with binary term presence) or tfidf (scikit-learn's weighting)."""
 
     k1: float = 1.5
-    """BM25's k1."""
+    """BM25's term-frequency saturation, (k1 + 1) e / (k1 + e). With the binary term presence e ∈ {0, 1}
+    used here (the paper's BM25) a present term weighs exactly IDF whatever k1 is, so k1 changes no
+    score; it is kept for the formula and recorded in the index manifest."""
 
     chunk_size: int = 2048
     """Sequences read per step while the index is built (memory, not results)."""
 
     def __post_init__(self) -> None:
-        _require(self.weighting in ("bm25", "tfidf"), "index.weighting", f"{self.weighting!r} is not bm25 or tfidf")
+        _require(self.weighting in WEIGHTINGS, "index.weighting", f"{self.weighting!r} is not bm25 or tfidf")
         _require(self.k1 > 0, "index.k1", f"must be > 0, got {self.k1}")
         _require(self.chunk_size > 0, "index.chunk_size", f"must be > 0, got {self.chunk_size}")
 
@@ -151,6 +157,13 @@ class ExportConfig:
         _require(not bad and formats, "export.formats", f"{bad or formats} not among jsonl, csv, html")
         _require(self.top is None or self.top > 0, "export.top", "must be > 0 or null")
 
+
+CHOICES = {  # (section, field) -> the values it accepts: the CLI shows them as {a,b,...}
+    ("factors", "strategy"): STRATEGIES, ("factors", "factor_dtype"): DTYPES, ("factors", "correction_order"): CORRECTION_ORDERS,
+    ("query", "compute_dtype"): DTYPES, ("query", "candidates"): CANDIDATES, ("query", "normalize"): NORMALIZATIONS,
+    ("self_influence", "compute_dtype"): DTYPES, ("evaluate", "init"): INITS, ("model", "dtype"): MODEL_DTYPES,
+    ("index", "weighting"): WEIGHTINGS,
+}
 
 SECTIONS = {"model": ModelConfig, "corpus": CorpusConfig, "fit": FitConfig, "factors": FactorConfig,
             "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig,
