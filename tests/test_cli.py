@@ -138,3 +138,46 @@ def test_a_moved_or_copied_run_directory_works_from_its_own_saved_config(tmp_pat
     longer = run_cli("index", "--config", str(tmp_path / "copy" / "config.fit.yaml"), "--corpus.length", "64",
                      cwd=tmp_path)
     assert longer.returncode == 2 and "corpus.length = 32 (now 64)" in longer.stderr, longer.stderr
+
+
+def test_help_shows_choices_and_defaults_as_a_user_would_type_them(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--factors.strategy {identity,diagonal,kfac,ekfac,lissa,exact}" in text
+    assert "--model.dtype {float32,float64,bfloat16,float16}" in text
+    assert "(default: null)" in text and "(default: true)" in text and "'" not in text.split("--factors.layers")[1][:300]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "term-frequency saturation" in text and "changes no score" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--help"])
+    assert "(default: [jsonl, csv, html])" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_bad_choice_is_one_line_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["fit", "--factors.strategy", "ekafc"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "invalid choice: 'ekafc'" in err and "'ekfac'" in err
+
+
+def test_help_and_version_import_neither_torch_nor_transformers():
+    """What keeps --help fast (docs/benchmarks.md measures it): nothing heavy before the arguments are parsed."""
+    code = ("import sys\nfrom ekfac_influence.cli import main\nfor argv in (['--help'], ['--version'], ['query', '--help'], "
+            "['show', '--help'], ['evaluate', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'pandas', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_show_names_the_query_sets_a_run_holds(tmp_path, capsys):
+    (tmp_path / "queries" / "first").mkdir(parents=True)
+    (tmp_path / "queries" / "first" / "topk.jsonl").write_text("{}\n")
+    assert main(["show", str(tmp_path), "--queries.name", "firts"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no finished query set; query sets in" in err and "first" in err and "Traceback" not in err
