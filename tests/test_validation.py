@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from ekfac_influence.cli import main
@@ -492,3 +493,41 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, states, tmp_
     problems += changes(before, snapshot(root), case.may_create)
     if problems:
         pytest.fail(f"[{case.id}] {' '.join(case.full_argv())[:200]}\n" + "\n".join(problems), pytrace=False)
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    from ekfac_influence.run_config import load_run_config, save_run_config
+
+    project = tmp_path / "project"
+    (project / "model").mkdir(parents=True)
+    (project / "corpus.jsonl").write_text('{"text": "a"}\n')
+    (project / "configs").mkdir()
+    (project / "configs" / "run.yaml").write_text("run: ../runs/x\nmodel: {path: ../model}\ncorpus: {path: ../corpus.jsonl}\n"
+                                                  "queries: {file: org/not-here.jsonl}\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_run_config("project/configs/run.yaml", [("corpus.length", "16")])
+    assert config.run == "project/runs/x" and config.model.path == "project/model"
+    assert config.corpus.path == "project/corpus.jsonl" and config.corpus.length == 16
+    assert config.queries.file == "org/not-here.jsonl"  # not there: taken as written (a path from here, or an id)
+    # on the command line, paths are relative to the working directory
+    assert load_run_config("project/configs/run.yaml", [("run", "elsewhere")]).run == "elsewhere"
+    # the copy a stage saves in the run directory: run is ".", paths outside it absolute, inside it relative
+    (project / "runs" / "x" / "data").mkdir(parents=True)
+    (project / "runs" / "x" / "data" / "q.jsonl").write_text("{}\n")
+    saved = project / "runs" / "x" / "config.fit.yaml"
+    saved.write_text(save_run_config(load_run_config("project/configs/run.yaml",
+                                                     [("queries.file", "project/runs/x/data/q.jsonl")])))
+    values = yaml.safe_load(saved.read_text())
+    assert values["run"] == "." and values["model"]["path"] == str((project / "model").resolve())
+    assert values["queries"]["file"] == "data/q.jsonl"
+    again = load_run_config("project/runs/x/config.fit.yaml")
+    assert again.run == "project/runs/x" and again.queries.file == "project/runs/x/data/q.jsonl"
+    assert again.model.path == str((project / "model").resolve())
+
+
+def test_a_config_path_that_is_a_directory_is_refused_in_one_line(tmp_path):
+    from ekfac_influence.config import ConfigError
+    from ekfac_influence.run_config import load_run_config
+
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_run_config(str(tmp_path))
