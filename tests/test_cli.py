@@ -181,3 +181,26 @@ def test_show_names_the_query_sets_a_run_holds(tmp_path, capsys):
     assert main(["show", str(tmp_path), "--queries.name", "firts"]) == 2
     err = capsys.readouterr().err
     assert "holds no finished query set; query sets in" in err and "first" in err and "Traceback" not in err
+
+
+def test_a_hugging_face_id_in_the_local_cache_loads_offline(tmp_path):
+    """model.path = org/name works from the cache layout (models--org--name/snapshots/<hash>, refs/main), no network."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    snapshot = tmp_path / "hf" / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("ab" * 20)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("ab" * 20)
+    code = ("import ekfac_influence as ei\nmodel, tokenizer = ei.load_causal_lm('someorg/tiny-llama')\n"
+            "print(type(model).__name__, len(tokenizer))\n"
+            "try:\n    ei.load_causal_lm('someorg/not-cached')\nexcept ei.ModelLoadError as error:\n    print(error)\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"LlamaForCausalLM {len(tokenizer)}"
+    assert "someorg/not-cached is neither a local path nor in the local Hugging Face cache" in lines[1]
