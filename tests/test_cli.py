@@ -17,8 +17,8 @@ from ekfac_influence.cli import build_parser, main
 from ekfac_influence.demo import pydoc_documents
 
 
-def run_cli(*args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def run_cli(*args, cwd, **extra_env):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra_env)
     return subprocess.run([sys.executable, "-m", "ekfac_influence", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -57,6 +57,7 @@ def test_fit_index_query_export_from_the_command_line_in_a_fresh_directory(tmp_p
         if stage == "query":
             assert "[assert] 'The assert statement' -> ' is a debugging aid'" in done.stdout
             assert "the model's greedy completion" in done.stdout
+            assert "report: ekfac-influence export --config runs/tiny/config.query.yaml" in done.stdout
     run = tmp_path / "runs" / "tiny"
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"fit", "index", "query"} and manifest["layers"]
@@ -87,6 +88,20 @@ def test_fit_index_query_export_from_the_command_line_in_a_fresh_directory(tmp_p
                      "--prompt", "The while statement", "--completion", " repeats", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     assert json.loads((run / "queries" / "cli" / "manifest.json").read_text())["config"]["rank"] == 2
+    # a one-off question gets its report at once, named in one line; no placeholder to fill in
+    assert f"html: {os.path.join('runs', 'tiny', 'queries', 'cli', 'report.html')}" in single.stdout
+    assert (run / "queries" / "cli" / "report.html").stat().st_size > 0 and "..." not in single.stdout.splitlines()[-1]
+    # show: the finished sets as they are, nothing recomputed (no model is loaded: the model may be gone)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "queries").rglob("*")}
+    (tmp_path / "model").rename(tmp_path / "model.away")
+    shown = run_cli("show", "runs/tiny", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "queries/cli" in shown.stdout and "queries/first" in shown.stdout
+    assert "[assert] 'The assert statement' -> ' is a debugging aid'" in shown.stdout and "  +1 score" in shown.stdout
+    opened = run_cli("show", "--run", "runs/tiny", "--queries.name", "first", "--open", cwd=tmp_path, BROWSER="true")
+    assert opened.returncode == 0 and f"report: {os.path.join('runs', 'tiny', 'queries', 'first', 'report.html')}" \
+        in opened.stdout and "queries/cli" not in opened.stdout, opened.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (run / "queries").rglob("*")} == stamps
 
 
 def test_help_lists_every_override_with_its_field_doc(capsys):
