@@ -147,9 +147,10 @@ def resolve_model_path(path) -> tuple:
         try:  # a Hugging Face id already in the local cache (works with HF_HUB_OFFLINE=1); never downloads
             path = snapshot_download(path, local_files_only=True)
         except (LocalEntryNotFoundError, ValueError, OSError):
-            raise ModelLoadError(f"model {path} is neither a local path nor in the local Hugging Face cache "
-                                 f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}); "
-                                 f"download it once (huggingface-cli download {path}) or give a directory") from None
+            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+            raise ModelLoadError(f"model {path} does not exist: not a local path, nor a Hugging Face id in the local "
+                                 f"cache ({cache}); give a save_pretrained directory or a .gguf file, or download the "
+                                 f"id once (huggingface-cli download {path})") from None
     path = Path(path)
     if not str(path) or str(path) == ".":
         raise ModelLoadError("no model given: set model.path to a save_pretrained directory or a .gguf file")

@@ -218,4 +218,4 @@ def test_a_hugging_face_id_in_the_local_cache_loads_offline(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == f"LlamaForCausalLM {len(tokenizer)}"
-    assert "someorg/not-cached is neither a local path nor in the local Hugging Face cache" in lines[1]
+    assert "model someorg/not-cached does not exist: not a local path, nor a Hugging Face id in the local cache" in lines[1]
