@@ -7,9 +7,11 @@
     ekfac-influence export --config run.yaml
     ekfac-influence self-influence --config run.yaml       # audit the corpus: outliers, near-duplicates
     ekfac-influence evaluate --config run.yaml            # LDS and planted-fact recall per strategy (docs/accuracy.md)
+    ekfac-influence show runs/<name> [--queries.name set] [--open]   # finished results, nothing recomputed
 
 Every `--section.key` option overrides one field of the YAML config; `--help` lists them with the
 field docs. A user's mistake ends with one line on stderr and exit status 2, never a traceback.
+Nothing heavy is imported before the arguments are parsed: `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
@@ -31,26 +33,54 @@ STAGES = {
                  ("run", "model", "corpus", "queries", "factors", "evaluate")),
     "demo": ("train a small LM on Python's documentation and explain its completions (no arguments needed)",
              ("run", "factors", "index", "query", "export")),
+    "show": ("print the finished results of a run's query sets, or open their report; nothing is recomputed",
+             ("run", "queries")),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parse error is one line on stderr (with where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def as_typed(value) -> str:
+    """A default as a user would type it on the command line or in YAML: null, true, [a, b], 1e-05."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(as_typed(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value if value else "not set"
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import field_docs
-    from .run_config import SECTIONS
+    from .run_config import CHOICES, SECTIONS
 
-    parser = argparse.ArgumentParser(prog="ekfac-influence", description=(
+    parser = _Parser(prog="ekfac-influence", description=(
         "Which training sequences made this language model produce this completion? "
         "EK-FAC influence functions (Grosse et al., 2023)."))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(STAGES) + "}")
     for name, (help_text, sections) in STAGES.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("--config", help="YAML config file (configs/*.yaml are examples); options below override it")
-        sub.add_argument("--overwrite", action="store_true", help="replace this stage's finished results")
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == "show":
+            sub.add_argument("run_dir", nargs="?", metavar="RUN", help="the run directory (or give --run / --config)")
+        sub.add_argument("--config", help="YAML config file (configs/*.yaml are examples, <run>/config.<stage>.yaml "
+                                          "what a run used); options below override it")
+        if name == "show":
+            sub.add_argument("--open", action="store_true", help="open each report in a browser (written first if missing)")
+            sub.add_argument("--top", type=int, default=3, metavar="N", help="sequences shown per query (default: 3)")
+        else:
+            sub.add_argument("--overwrite", action="store_true", help="replace this stage's finished results")
+            sub.add_argument("--quiet", action="store_true", help="no progress bars")
         if name == "query":
-            sub.add_argument("--prompt", help="one query's prompt (instead of queries.file)")
+            sub.add_argument("--prompt", help="one query's prompt (instead of queries.file); its report is written too")
             sub.add_argument("--completion", help="its completion; omitted = the model's greedy completion")
             sub.add_argument("--contrast", help="an alternative completion: explain completion rather than contrast")
         if name == "demo":
@@ -58,17 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--out", dest="run", default=argparse.SUPPRESS, help="the run directory (same as --run)")
         overrides = sub.add_argument_group("config overrides (--section.key value)")
         if "run" in sections:
-            overrides.add_argument("--run", default=argparse.SUPPRESS, help="run directory (runs/<name>)")
+            overrides.add_argument("--run", default=argparse.SUPPRESS, metavar="DIR", help="run directory (runs/<name>)")
         for section in sections:
             if section == "run":
                 continue
             cls = SECTIONS[section]
             docs = field_docs(cls)
             for field in dataclasses.fields(cls):
+                if name == "show" and field.name != "name":
+                    continue
                 default = field.default if field.default is not dataclasses.MISSING else None
-                overrides.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}", metavar="V",
-                                       default=argparse.SUPPRESS,
-                                       help=f"{docs.get(field.name, '')} (default: {default!r})".replace("%", "%%"))
+                choices = CHOICES.get((section, field.name))
+                overrides.add_argument(f"--{section}.{field.name}", dest=f"{section}.{field.name}",
+                                       metavar=None if choices else "V", choices=choices, default=argparse.SUPPRESS,
+                                       help=f"{docs.get(field.name, '')} (default: {as_typed(default)})".replace("%", "%%"))
     return parser
 
 
@@ -90,11 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(_unknown_options(parser, args.command, unknown))
         overrides = [(key, value) for key, value in vars(args).items() if "." in key or key == "run"]
+        if getattr(args, "run_dir", None) is not None:
+            if "run" in vars(args):
+                raise ConfigError("give the run directory once: as RUN or as --run")
+            overrides.append(("run", args.run_dir))
         config = load_run_config(args.config, overrides)
         if args.command == "demo" and args.config is None:
             from .demo import demo_run_config
 
             config = demo_run_config(overrides, quick=args.quick)
+        if args.command == "show":
+            from . import run
+
+            names = [config.queries.name] if args.config is not None or "queries.name" in vars(args) else None
+            run.show(config, names, open_report=args.open, shown=args.top)
+            return 0
         show = not args.quiet and distributed.is_main()
         if not show:  # Hugging Face's own bars ("Loading weights", "Generating train split") too
             import datasets
@@ -114,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 queries = [Query(args.prompt, args.completion, args.contrast, "cli")]
             elif args.completion is not None or args.contrast is not None:
                 raise ConfigError("--completion and --contrast need --prompt")
-            run.query(config, queries, overwrite=args.overwrite, show_progress=show)
+            run.query(config, queries, overwrite=args.overwrite, show_progress=show, report=queries is not None)
         elif args.command == "export":
             run.export(config, overwrite=args.overwrite)
         elif args.command == "self-influence":

@@ -76,6 +76,32 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
     return dataset
 
 
+def corpus_source(path, known: dict | None = None) -> dict:
+    """What a corpus path holds, by content: {"sha256", "files"}, however the path is spelled.
+
+    sha256 is over every file's name (relative to the corpus directory) and bytes, so a copied or
+    moved corpus is the same corpus and an edited one is not. `files` lists each file's resolved
+    path, size and modification time: when they equal those of `known` (an earlier result), its
+    sha256 is reused instead of reading a large corpus again. `pydoc:topics` is hashed by its text.
+    """
+    if str(path) == "pydoc:topics":
+        from pydoc_data.topics import topics
+
+        return {"sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(), "files": []}
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"corpus {path} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    if known and known.get("files") == stats and known.get("sha256"):
+        return {"sha256": known["sha256"], "files": stats}
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update((file.relative_to(root).as_posix() if root.is_dir() else "").encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    return {"sha256": digest.hexdigest(), "files": stats}
+
+
 @dataclass
 class PackedCorpus:
     """Fixed-length training sequences and where each came from.
@@ -298,6 +324,25 @@ class PackedDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask, "sequence": torch.tensor(n)}
 
 
+def training_batches(corpus: PackedCorpus, batch_size: int = 8, *, indices: Iterable[int] | None = None,
+                     num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """The packed corpus as `train_batches` for fit_factors, compute_scores and self_influence.
+
+    A re-iterable DataLoader of {"input_ids" [B, T], "attention_mask" [B, T], "sequence" [B]} in
+    corpus order (or the order of `indices`), which CausalLMObjective reads: the loss is over real
+    tokens only. This is how the run directory's stages feed the engine:
+
+        corpus = PackedCorpus.load("runs/mine/corpus")
+        factors = fit_factors(model, training_batches(corpus, 8), CausalLMObjective(), FactorConfig())
+        result = compute_scores(model, factors, query_batches(tokenizer, [("prompt", " completion")]),
+                                training_batches(corpus, 8), CausalLMObjective(), ScoreConfig())
+    """
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return torch.utils.data.DataLoader(PackedDataset(corpus, indices), batch_size=batch_size, num_workers=num_workers,
+                                       shuffle=False)
+
+
 # ----------------------------------------------------------------------------- queries
 
 
@@ -415,3 +460,25 @@ def collate_query_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
         mask.append([1] * (len(p) + len(c)) + [0] * pad)
         labels.append([-100] * len(p) + c + [-100] * pad)
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+def query_batches(tokenizer, queries, *, batch_size: int = 8, max_length: int = 2048) -> list[dict]:
+    """`query_batches` for compute_scores from (prompt, completion) pairs, dicts or Query objects.
+
+    Each query is one row: f = log p(completion | prompt), labels −100 on the prompt. A contrast
+    (f = log p(c) − log p(c′)) needs two rows per query: use query_influence for it.
+    """
+    rows = []
+    for index, value in enumerate(queries):
+        if isinstance(value, dict):
+            value = Query(value.get("prompt"), value.get("completion"), value.get("contrast"), value.get("id"))
+        elif isinstance(value, (tuple, list)):
+            value = Query(*value)
+        if not isinstance(value, Query):
+            raise DataError(f"query {index}: expected a (prompt, completion) pair, a dict or a Query, got {value!r}")
+        if value.contrast is not None:
+            raise DataError(f"query {value.id or index}: a contrast needs two rows per query; use query_influence")
+        rows.extend(encode_query(tokenizer, value, max_length=max_length).rows())
+    if not rows:
+        raise DataError("no query given")
+    return [collate_query_rows(rows[i : i + batch_size], pad_token_id(tokenizer)) for i in range(0, len(rows), batch_size)]

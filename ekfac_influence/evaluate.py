@@ -35,6 +35,7 @@ from torch import nn
 from .config import ConfigError, EvaluateConfig, QueryConfig, to_dict
 from .data import PackedCorpus, Query, collate_query_rows, encode_query, pad_token_id
 from .factors import Factors
+from .files import file_mode
 from .lds import LDSResult, linear_datamodeling_score
 from .model import context_length, fingerprint
 from .objectives import CausalLMObjective
@@ -180,6 +181,7 @@ def _reference_model(directory: Path, key: str, train, fresh) -> nn.Module:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / ".reference.safetensors.tmp"
     save_model(model, str(tmp))
+    os.chmod(tmp, file_mode())  # safetensors writes 0600
     os.replace(tmp, weights)
     atomic_write_text(stamp, json.dumps({"key": key}))
     return model.eval()

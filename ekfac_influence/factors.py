@@ -180,9 +180,18 @@ class LayerFactors:
     def tensors(self) -> dict[str, Tensor]:
         return {key: getattr(self, key) for key in self.TENSORS if getattr(self, key) is not None}
 
+    def __repr__(self) -> str:
+        return f"LayerFactors({self.name}, O×I = {self.out_dim}×{self.in_dim}, {', '.join(self.tensors())})"
+
     def to(self, dtype: torch.dtype, device=None) -> "LayerFactors":
         moved = {key: value.to(device=device, dtype=dtype) for key, value in self.tensors().items()}
         return LayerFactors(self.name, self.out_dim, self.in_dim, self.damping, **moved)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(block) for block in getattr(value, "blocks", []))
 
 
 @dataclass
@@ -206,6 +215,16 @@ class Factors:
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def __repr__(self) -> str:
+        """One line: strategy, layers, data, fingerprint and size (the dataclass default would print every tensor)."""
+        names = self.layer_names
+        shown = ", ".join(names[:2]) + (f", ... {names[-1]}" if len(names) > 3 else "".join(f", {n}" for n in names[2:]))
+        tensors = [t for layer in self.layers for t in layer.tensors().values()]
+        tensors += [self.ggn_PP] if self.ggn_PP is not None else []
+        size = sum(_nbytes(t) for t in tensors)
+        return (f"Factors({self.strategy}, {len(names)} layers [{shown}], {self.num_sequences:,} sequences, "
+                f"{self.num_tokens:,} tokens, fingerprint {self.fingerprint}, {size / 2**20:.1f} MiB)")
 
     def layer(self, name: str) -> LayerFactors:
         for layer in self.layers:

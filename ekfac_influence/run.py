@@ -18,6 +18,7 @@ import dataclasses
 import json
 import tempfile
 import time
+import webbrowser
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from .audit import near_duplicate_groups, sketched_cosines
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
-from .data import DataError, PackedCorpus, PackedDataset, dataset_documents, load_corpus, pack_to_disk, read_queries
+from .data import (DataError, PackedCorpus, corpus_source, dataset_documents, load_corpus, pack_to_disk, read_queries,
+                   training_batches)
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
@@ -37,6 +39,8 @@ from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
 from .objectives import CausalLMObjective
 from .query import query_influence
 from .report import export_report
+from .report_data import read_manifest, read_records
+from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text
@@ -59,20 +63,33 @@ def load_model(config: RunConfig):
 
 
 def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, show_progress: bool = True) -> PackedCorpus:
-    """The run's packed corpus: reused when packed from the same corpus config and tokenizer, else packed now."""
+    """The run's packed corpus: reused when packed from the same content, settings and tokenizer, else packed now.
+
+    A corpus is known by its content (data.corpus_source), not by how its path is spelled: a moved
+    or copied corpus or run directory is the same. When the source is gone, a packed corpus whose
+    settings and tokenizer match is used as it is.
+    """
     path = Path(config.run) / CORPUS
-    wanted = {"corpus": to_dict(config.corpus), "tokenizer_id": tokenizer_hash(tokenizer)}
+    source = None
     if path.exists():
         corpus = PackedCorpus.load(path)
-        if {"corpus": corpus.meta.get("corpus"), "tokenizer_id": corpus.tokenizer_id} == wanted:
+        known = corpus.meta.get("source")
+        if config.corpus.path and (config.corpus.path == "pydoc:topics" or Path(config.corpus.path).exists()):
+            source = corpus_source(config.corpus.path, known)
+        differences = _corpus_differences(corpus, config, tokenizer, source)
+        if not differences:
+            if source is None:
+                distributed.print0(f"note: corpus {config.corpus.path or '(none given)'} is not at hand; using the "
+                                   f"corpus packed in {path}")
             return corpus
         if not overwrite:
-            raise StorageError(f"{path} was packed from another corpus config or tokenizer; pass --overwrite to pack "
-                               f"it again (the factors, index and queries of this run then no longer apply) or use "
-                               f"another run directory")
+            raise StorageError(f"{path} was packed from another corpus: {'; '.join(differences)}. Pass --overwrite to "
+                               f"pack it again (the factors, index and queries of this run then no longer apply) or "
+                               f"use another run directory")
     if distributed.is_main():
         if not config.corpus.path:
             raise DataError("no corpus given: set corpus.path (a JSONL, text, parquet or CSV file, or a saved dataset)")
+        source = source or corpus_source(config.corpus.path)
         dataset = load_corpus(config.corpus.path, text_column=config.corpus.text_column, split=config.corpus.split)
         if config.corpus.id_column is not None and config.corpus.id_column not in dataset.column_names:
             raise DataError(f"corpus {config.corpus.path} has no id column {config.corpus.id_column!r} (columns: "
@@ -84,16 +101,33 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
                            f"{config.corpus.length} tokens")
         try:
             pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
-                         separate_documents=config.corpus.separate_documents,
-                         show_progress=show_progress, total=len(dataset), meta={"corpus": to_dict(config.corpus)})
+                         separate_documents=config.corpus.separate_documents, show_progress=show_progress,
+                         total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
         except DataError as error:
             raise DataError(f"corpus {config.corpus.path}: {error}") from None
     distributed.barrier()
     return PackedCorpus.load(path)
 
 
+def _corpus_differences(corpus: PackedCorpus, config: RunConfig, tokenizer, source: dict | None) -> list[str]:
+    """What differs between a packed corpus and the one `config` asks for, in words (path spelling is not a difference)."""
+    packed, wanted = dict(corpus.meta.get("corpus") or {}), to_dict(config.corpus)
+    found = [f"corpus.{key} = {packed.get(key)!r} (now {value!r})" for key, value in wanted.items()
+             if key != "path" and packed.get(key) != value]
+    known = corpus.meta.get("source")
+    if known is None:  # packed before corpora were known by content: the path as written is all there is
+        if packed.get("path") != wanted["path"]:
+            found.append(f"corpus.path = {packed.get('path')!r} (now {wanted['path']!r})")
+    elif source is not None and source["sha256"] != known.get("sha256"):
+        found.append(f"the content of {config.corpus.path} (sha256 {source['sha256'][:12]}, packed from "
+                     f"{known.get('sha256', '?')[:12]}: the corpus changed or another one is named)")
+    if corpus.tokenizer_id != tokenizer_hash(tokenizer):
+        found.append(f"the tokenizer (id {tokenizer_hash(tokenizer)}, packed with {corpus.tokenizer_id})")
+    return found
+
+
 def training_loader(corpus: PackedCorpus, batch_size: int, num_workers: int):
-    return torch.utils.data.DataLoader(PackedDataset(corpus), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    return training_batches(corpus, batch_size, num_workers=num_workers)
 
 
 def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
@@ -123,7 +157,7 @@ def check_writable(path) -> None:
 
 def require(path: Path, what: str, command: str) -> None:
     if not path.exists():
-        raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command} --config ...)")
+        raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command}, with this run's config)")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -211,8 +245,12 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
     return built if built is not None else ShortlistIndex.load(path)
 
 
-def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True):
-    """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/."""
+def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True,
+          report: bool = False):
+    """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/.
+
+    report: write the review report too (export's formats), as the CLI does for a --prompt question.
+    """
     run = Path(config.run)
     check_writable(run)
     require(run / FACTORS, "fit the factors", "fit")
@@ -238,7 +276,12 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
                               overwrite=overwrite, show_progress=show_progress)
     record_stage(config, "query", {})
     if distributed.is_main():
-        print_summary(results, out)
+        print_summary(results.records)
+        print(f"results in {out}/ (topk.jsonl, scores.f32)")
+    if report:
+        export(config, overwrite=overwrite)
+    elif distributed.is_main():
+        print(f"report: ekfac-influence export --config {run / 'config.query.yaml'}")
     return results
 
 
@@ -313,7 +356,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
 
 
 def _subset_loader(corpus: PackedCorpus, ids, batch_size: int):
-    return torch.utils.data.DataLoader(PackedDataset(corpus, ids), batch_size=batch_size, shuffle=False)
+    return training_batches(corpus, batch_size, indices=ids)
 
 
 def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -338,15 +381,46 @@ def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool 
     return results
 
 
-def print_summary(results, out: Path, shown: int = 3) -> None:
-    for record in results.records:
-        tag = " (the model's greedy completion)" if record["generated"] else ""
+def show(config: RunConfig, names: list[str] | None = None, *, open_report: bool = False, shown: int = 3) -> list[Path]:
+    """Print finished query sets (all of the run's when `names` is None) and optionally open their reports.
+
+    Nothing is recomputed and no model is loaded; a missing report.html is written from topk.jsonl
+    (as `export` would) when it is to be opened.
+    """
+    run = Path(config.run)
+    if names is None:
+        names = sorted(p.name for p in (run / QUERIES).glob("*") if (p / "topk.jsonl").is_file())
+        if not names:
+            query_set_directory(run, config.queries.name)  # the error that says what the run holds
+    shown_dirs = []
+    for name in names:
+        out = query_set_directory(run, name)
+        manifest = read_manifest(out)
+        print(f"== {out}: {manifest.get('num_queries', '?')} queries, {manifest.get('strategy', '?')} factors, "
+              f"{manifest.get('num_sequences', '?')} training sequences")
+        print_summary(read_records(out), shown=shown)
+        report = out / "report.html"
+        if open_report:
+            if not report.exists():
+                export_report(out, formats=("html",))
+            opened = webbrowser.open(report.resolve().as_uri())
+            print(f"report: {report}" + ("" if opened else " (no browser found here: open this file in one)"))
+        else:
+            print(f"report: {report}" if report.exists() else
+                  f"report: ekfac-influence show {run} --queries.name {name} --open   (writes {report})")
+        shown_dirs.append(out)
+    return shown_dirs
+
+
+def print_summary(records: list[dict], shown: int = 3) -> None:
+    for record in records:
+        tag = " (the model's greedy completion)" if record.get("generated") else ""
         contrast = f" rather than {record['contrast']!r}" if record.get("contrast") else ""
-        print(f"\n[{record['id']}] {record['prompt']!r} -> {record['completion']!r}{contrast}{tag}  "
-              f"log p = {record['logp']:.2f}, {record['num_candidates']} candidates")
+        print(f"\n[{record.get('id')}] {record['prompt']!r} -> {record['completion']!r}{contrast}{tag}  "
+              f"log p = {record.get('logp', float('nan')):.2f}, {record.get('num_candidates', '?')} candidates")
         for hit in record["top_positive"][:shown]:
-            docs = ", ".join(dict.fromkeys(str(p["doc"]) for p in hit["provenance"]))
-            flag = "  [spurious]" if hit["spurious"] else ""
+            docs = ", ".join(dict.fromkeys(str(p.get("doc")) for p in hit.get("provenance") or []))
+            flag = "  [spurious]" if hit.get("spurious") else ""
             print(f"  +{hit['rank']} score {hit['score']:+.3e}  delta_logp {hit['delta_logp']:+.2e}  [{docs}]{flag}  "
                   f"{' '.join(hit['text'].split())[:60]}")
-    print(f"\nresults in {out}/ (topk.jsonl, scores.f32); report: ekfac-influence export --config ...")
+    print()

@@ -13,8 +13,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import (ConfigError, EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require,
-                     did_you_mean, from_dict, to_dict)
+from .config import (CANDIDATES, CORRECTION_ORDERS, DTYPES, INITS, NORMALIZATIONS, STRATEGIES, ConfigError,
+                     EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require, did_you_mean, from_dict,
+                     to_dict)
+
+MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
+WEIGHTINGS = ("bm25", "tfidf")
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,8 @@ class ModelConfig:
     """The causal LM being explained."""
 
     path: str = ""
-    """A save_pretrained directory or a .gguf file (never downloaded)."""
+    """A save_pretrained directory, a .gguf file, or a Hugging Face id already in the local cache
+    (e.g. openai-community/gpt2; never downloaded)."""
 
     dtype: str = "float32"
     """dtype the weights are loaded in: float32, bfloat16 or float16."""
@@ -35,8 +40,7 @@ class ModelConfig:
     too large for one GPU); results are those of the unsharded model."""
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("float32", "float64", "bfloat16", "float16"), "model.dtype",
-                 f"{self.dtype!r} is not one of float32, float64, bfloat16, float16")
+        _require(self.dtype in MODEL_DTYPES, "model.dtype", f"{self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
         if self.device != "auto":
             import torch
 
@@ -108,13 +112,15 @@ class IndexConfig:
     """bm25 (the paper's modified BM25 with binary term presence) or tfidf (scikit-learn's weighting)."""
 
     k1: float = 1.5
-    """BM25's k1."""
+    """BM25's term-frequency saturation, (k1 + 1) e / (k1 + e). With the binary term presence e ∈ {0, 1}
+    used here (the paper's BM25) a present term weighs exactly IDF whatever k1 is, so k1 changes no
+    score; it is kept for the formula and recorded in the index manifest."""
 
     chunk_size: int = 2048
     """Sequences read per step while the index is built (memory, not results)."""
 
     def __post_init__(self) -> None:
-        _require(self.weighting in ("bm25", "tfidf"), "index.weighting", f"{self.weighting!r} is not bm25 or tfidf")
+        _require(self.weighting in WEIGHTINGS, "index.weighting", f"{self.weighting!r} is not bm25 or tfidf")
         _require(self.k1 > 0, "index.k1", f"must be > 0, got {self.k1}")
         _require(self.chunk_size > 0, "index.chunk_size", f"must be > 0, got {self.chunk_size}")
 
@@ -151,6 +157,13 @@ class ExportConfig:
         _require(not bad and formats, "export.formats", f"{bad or formats} not among jsonl, csv, html")
         _require(self.top is None or self.top > 0, "export.top", "must be > 0 or null")
 
+
+CHOICES = {  # (section, field) -> the values it accepts: the CLI shows them as {a,b,...}
+    ("factors", "strategy"): STRATEGIES, ("factors", "factor_dtype"): DTYPES, ("factors", "correction_order"): CORRECTION_ORDERS,
+    ("query", "compute_dtype"): DTYPES, ("query", "candidates"): CANDIDATES, ("query", "normalize"): NORMALIZATIONS,
+    ("self_influence", "compute_dtype"): DTYPES, ("evaluate", "init"): INITS, ("model", "dtype"): MODEL_DTYPES,
+    ("index", "weighting"): WEIGHTINGS,
+}
 
 SECTIONS = {"model": ModelConfig, "corpus": CorpusConfig, "fit": FitConfig, "factors": FactorConfig,
             "index": IndexConfig, "queries": QueriesConfig, "query": QueryConfig, "export": ExportConfig,
@@ -206,11 +219,17 @@ def run_config_from_dict(values: dict, *, source: str = "config") -> RunConfig:
     return RunConfig(run=run, **sections)
 
 
+PATH_FIELDS = (("model", "path"), ("corpus", "path"), ("queries", "file"))  # inputs a config may name by path
+
+
 def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
     """A RunConfig from a YAML file (optional) and dotted overrides such as ("query.rank", "64").
 
-    Override values are parsed as YAML scalars or lists: "64" is an int, "null" is None,
-    "[gate_proj, up_proj]" a list.
+    Relative paths in the file are relative to the file's directory: `run` always; model.path,
+    corpus.path and queries.file when they exist there (else they are taken as written: a path from
+    the working directory, or a Hugging Face id in the local cache). Paths on the command line are
+    relative to the working directory. Override values are parsed as YAML scalars or lists: "64" is
+    an int, "null" is None, "[gate_proj, up_proj]" a list.
     """
     import yaml
 
@@ -222,8 +241,10 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         file = Path(path)
         if not file.exists():
             raise ConfigError(f"config file {file} does not exist")
+        if not file.is_file():
+            raise ConfigError(f"config file {file} is not a file; give a YAML file")
         try:
-            values = yaml.safe_load(file.read_text()) or {}
+            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -232,6 +253,7 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         source = str(file)
         if not isinstance(values, dict):
             raise ConfigError(f"{file}: expected a mapping of sections (run, model, corpus, ...)")
+        values = _relative_to(values, file.parent)
     for dotted, raw in overrides:
         parts = dotted.split(".")
         if parts == ["run"]:
@@ -250,8 +272,37 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
     return run_config_from_dict(values, source=source)
 
 
+def _is_relative_path(value) -> bool:
+    import os
+
+    return isinstance(value, str) and bool(value) and ":" not in value and not os.path.isabs(os.path.expanduser(value))
+
+
+def _relative_to(values: dict, base) -> dict:
+    """The file's values with its relative paths joined to `base` (the config file's directory)."""
+    import os
+
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    if _is_relative_path(values.get("run")):
+        values["run"] = os.path.normpath(os.path.join(base, values["run"]))
+    for section, key in PATH_FIELDS:
+        entry = values.get(section)
+        if isinstance(entry, dict) and _is_relative_path(entry.get(key)):
+            joined = os.path.normpath(os.path.join(base, entry[key]))
+            if os.path.exists(joined):
+                entry[key] = joined
+    return values
+
+
 def save_run_config(config: RunConfig) -> str:
-    """The resolved config as YAML (saved in the run directory by every stage)."""
+    """The resolved config as YAML, for the run directory: it works from there, wherever the directory goes.
+
+    `run` is "." (the file's own directory); a path inside the run directory is written relative to
+    it, any other existing path absolute, and a name that is no local path (a Hugging Face id,
+    pydoc:topics, package:...) as it is. Loaded with load_run_config, the copy resolves them again.
+    """
+    import os
+
     import yaml
 
     def plain(value):
@@ -261,4 +312,16 @@ def save_run_config(config: RunConfig) -> str:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return yaml.safe_dump(plain(config.to_dict()), sort_keys=False)
+    values = plain(config.to_dict())
+    run = os.path.realpath(config.run)
+    values["run"] = "."
+    for section, key in PATH_FIELDS:
+        value = values[section][key]
+        if _is_relative_path(value) or (isinstance(value, str) and os.path.isabs(value)):
+            if os.path.exists(value):
+                absolute = os.path.realpath(value)
+                inside = absolute == run or absolute.startswith(run + os.sep)
+                values[section][key] = os.path.relpath(absolute, run) if inside else absolute
+    header = ("# the resolved config of this run: paths are relative to this file's directory (the run directory)\n"
+              "# e.g. ekfac-influence export --config <run>/config.query.yaml\n")
+    return header + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)

@@ -258,7 +258,11 @@ class ScoreResult:
 
 @dataclass
 class TopK:
-    """Per query: the k most positive (helpful) and k most negative (harmful) sequences."""
+    """Per query: the k most positive (helpful) and k most negative (harmful) sequences.
+
+    A side holds only scores of its own sign: with fewer than k of them, the slots left over hold
+    index −1 and score NaN (a zero or NaN score is on neither side).
+    """
 
     positive_indices: Tensor  # [Q, k]
     positive_scores: Tensor
@@ -267,8 +271,16 @@ class TopK:
 
 
 def top_k(result: ScoreResult | Tensor, k: int) -> TopK:
+    """The k highest scores > 0 and the k lowest scores < 0 of each query, [Q, k] each."""
     scores_QN = result.scores if isinstance(result, ScoreResult) else result
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     k = min(k, scores_QN.shape[1])
-    positive = torch.topk(scores_QN, k, dim=1)
-    negative = torch.topk(scores_QN, k, dim=1, largest=False)
-    return TopK(positive.indices, positive.values, negative.indices, negative.values)
+    infinity = torch.tensor(float("inf"), dtype=scores_QN.dtype, device=scores_QN.device)
+    positive = torch.topk(torch.where(scores_QN > 0, scores_QN, -infinity), k, dim=1)
+    negative = torch.topk(torch.where(scores_QN < 0, scores_QN, infinity), k, dim=1, largest=False)
+
+    def side(found, kept_QK: Tensor) -> tuple[Tensor, Tensor]:
+        return found.indices.masked_fill(~kept_QK, -1), found.values.masked_fill(~kept_QK, float("nan"))
+
+    return TopK(*side(positive, positive.values > 0), *side(negative, negative.values < 0))

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
+
+from .files import temporary_directory
 
 __all__ = ["ShortlistError", "ShortlistIndex", "bm25_idf", "tfidf_idf"]
 
@@ -363,7 +364,7 @@ class ShortlistIndex:
         if self.weighting == "tfidf":
             arrays["data"] = self.data
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = temporary_directory(path.parent, path.name)
         try:
             checksums = {}
             for name, array in arrays.items():

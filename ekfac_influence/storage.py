@@ -11,32 +11,31 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save_file as _save_file
 
 from . import distributed
+from .files import atomic_write_text, file_mode, temporary_directory
+
+__all__ = ["StorageError", "atomic_write_text", "PassCheckpoint", "read_stage", "replace_directory", "sha256_file",
+           "staged_directory", "write_stage"]
 
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
+def save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """safetensors' save_file, then the mode `open()` would have given the file (it writes 0600)."""
+    _save_file(tensors, path)
+    os.chmod(path, file_mode())
+
+
 class StorageError(RuntimeError):
     """A stored result is missing, corrupted, or would be overwritten."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def replace_directory(tmp: Path, path: Path) -> None:
@@ -66,7 +65,7 @@ def staged_directory(path, *, overwrite: bool, error: type[Exception] = StorageE
         raise error(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     created = [parent for parent in [path.parent, *path.parent.parents] if not parent.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = temporary_directory(path.parent, path.name)
     finished = False
     try:
         yield tmp

@@ -171,8 +171,21 @@ def test_top_k_returns_the_most_helpful_and_most_harmful_sequences():
     scores = torch.tensor([[0.5, -2.0, 3.0, 0.0], [-1.0, 1.0, -3.0, 2.0]])
     top = ei.top_k(ei.ScoreResult(scores=scores, num_train_sequences=4), 2)
     assert top.positive_indices.tolist() == [[2, 0], [3, 1]]
-    assert top.negative_indices.tolist() == [[1, 3], [2, 0]]
+    assert top.negative_indices.tolist() == [[1, -1], [2, 0]]  # a zero score is not harmful
     assert_close(top.positive_scores, torch.tensor([[3.0, 0.5], [2.0, 1.0]]))
+
+
+def test_top_k_never_puts_a_score_of_the_other_sign_on_a_side():
+    """With fewer than k scores of a sign, the side's other slots are index −1 and score NaN."""
+    scores = torch.tensor([[5.0, 4.0, 3.0, -1.0, float("nan")], [-3.0, -2.0, -1.0, -4.0, -5.0]])
+    top = ei.top_k(scores, 3)
+    assert top.positive_indices.tolist() == [[0, 1, 2], [-1, -1, -1]]
+    assert top.negative_indices.tolist() == [[3, -1, -1], [4, 3, 0]]
+    assert_close(top.negative_scores, torch.tensor([[-1.0, float("nan"), float("nan")], [-5.0, -4.0, -3.0]]),
+                 equal_nan=True)
+    assert not (top.positive_scores <= 0).any() and not (top.negative_scores >= 0).any()
+    with pytest.raises(ValueError, match="positive integer"):
+        ei.top_k(scores, 0)
 
 
 def test_a_one_shot_iterator_of_training_batches_is_refused(trained_llama):

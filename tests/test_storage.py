@@ -318,3 +318,34 @@ def test_a_checkpoint_killed_between_its_tensor_file_and_its_json_still_loads_th
     tensors, meta = PassCheckpoint(tmp_path, {"run": 1}).load("scan")
     assert meta["next_batch"] == 3 and tensors["x"].tolist() == [3.0, 3.0, 3.0]
     assert len(list(tmp_path.glob("scan.rank0.*.safetensors"))) == 1  # older saves cleaned up
+
+
+@pytest.fixture(params=[0o022, 0o002], ids=["umask022", "umask002"])
+def umask(request):
+    previous = __import__("os").umask(request.param)
+    yield request.param
+    __import__("os").umask(previous)
+
+
+def test_everything_written_through_a_temporary_name_gets_the_users_umask(umask, tmp_path, small_digits):
+    """mkstemp/mkdtemp would leave 0600 files and 0700 directories: unreadable to the group on a cluster."""
+    from ekfac_influence.report import export_report
+    from ekfac_influence.storage import atomic_write_text
+
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    atomic_write_text(tmp_path / "a" / "note.txt", "x")
+    model, train, _ = small_digits
+    fit(model, train[:1], "diagonal").save(tmp_path / "factors")
+    index = ei.ShortlistIndex.build([[1, 2, 3], [2, 3, 4]], vocab_size=8)
+    index.save(tmp_path / "index")
+    query_dir = tmp_path / "queries"
+    query_dir.mkdir()
+    (query_dir / "topk.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c", "top_positive": [],
+                                                      "top_negative": []}) + "\n")
+    export_report(query_dir, formats=("jsonl", "csv"))
+    files = [tmp_path / "a" / "note.txt", *(tmp_path / "factors").iterdir(), *(tmp_path / "index").iterdir(),
+             query_dir / "report.jsonl", query_dir / "report.csv"]
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == \
+        {str(p.relative_to(tmp_path)): oct(file_mode) for p in files}
+    for directory in (tmp_path / "a", tmp_path / "factors", tmp_path / "index"):
+        assert oct(directory.stat().st_mode & 0o777) == oct(dir_mode), directory

@@ -1,0 +1,60 @@
+"""Files and directories written the way the user's other tools write them: atomically, with the umask.
+
+`tempfile.mkstemp` and `mkdtemp` create 0600 files and 0700 directories whatever the umask says,
+which leaves a run unreadable to the rest of a group on a shared cluster file system. Everything
+the package writes through a temporary name gets `0666 & ~umask` (files) or `0777 & ~umask`
+(directories) before it is renamed into place, as `open()` and `mkdir()` would have given it.
+Standard library only, so that the torch-free modules (report, shortlist) use it too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~current_umask()
+
+
+def directory_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def temporary_directory(parent: Path, name: str) -> Path:
+    """An empty directory `.<name>.*.tmp` in `parent` with the mode `mkdir` would give it."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(tmp, directory_mode())
+    return tmp
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write `text` (UTF-8, newlines as given) under a temporary name, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
