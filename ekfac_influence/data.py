@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .model import HUB_ID, cached_hub_snapshot, hub_cache_directory
 from .storage import sha256_file, staged_directory
 
 READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
@@ -47,9 +48,17 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
 
         names = sorted(topics)
         return datasets.Dataset.from_dict({"topic": names, "text": [topics[name] for name in names]})
+    hub = cached_dataset(path)
+    if hub is not None:  # a Hugging Face dataset id in the local cache: its files, splits named as the Hub names them
+        try:
+            dataset = datasets.load_dataset(hub, split=split)
+        except ValueError as error:
+            raise DataError(f"dataset {path} (cached at {hub}): {str(error).splitlines()[0]}") from None
+        return _checked(dataset, path, text_column)
     path = Path(path)
     if not path.exists():
-        raise DataError(f"corpus {path} does not exist")
+        raise DataError(f"corpus {path} does not exist: not a local path, nor a Hugging Face dataset id in the local "
+                        f"cache ({hub_cache_directory()})")
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
@@ -68,12 +77,23 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
             raise DataError(f"corpus files must share one of the formats {', '.join(FORMATS)}; got "
                             f"{', '.join(sorted({p.suffix or '(no suffix)' for p in files}))}")
         dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+    return _checked(dataset, path, text_column)
+
+
+def _checked(dataset, path, text_column: str):
     if text_column not in dataset.column_names:
         raise DataError(f"corpus {path} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
                         f"set the text column")
     if len(dataset) == 0:
         raise DataError(f"corpus {path} is empty")
     return dataset
+
+
+def cached_dataset(path) -> str | None:
+    """The local snapshot of `path` when it names a Hugging Face dataset in the cache (and no local path), else None."""
+    if not isinstance(path, str) or Path(path).exists() or not HUB_ID.fullmatch(path):
+        return None
+    return cached_hub_snapshot(path, "dataset")
 
 
 def corpus_source(path, known: dict | None = None) -> dict:
@@ -88,7 +108,7 @@ def corpus_source(path, known: dict | None = None) -> dict:
         from pydoc_data.topics import topics
 
         return {"sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(), "files": []}
-    root = Path(path)
+    root = Path(cached_dataset(path) or path)
     if not root.exists():
         raise DataError(f"corpus {path} does not exist")
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
