@@ -43,7 +43,7 @@ from .report_data import read_manifest, read_records
 from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
-from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .storage import PassCheckpoint, StorageError, atomic_write_text, read_manifest
 from .variants import variants_from_config
 from .version import __version__
 
@@ -172,7 +172,7 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / FACTORS
     if path.exists() and not overwrite:
-        existing = Factors.load(path)
+        existing = Factors.load(path, shard=(distributed.rank(), distributed.world()))
         differences = _differences(existing, model, layers, config, corpus)
         if not differences:
             distributed.print0(f"{path}: factors already fitted with this model and config; nothing to do "
@@ -188,7 +188,9 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                                 every_seconds=config.fit.checkpoint_seconds)
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
-    if distributed.is_main():
+    if factors.owners is not None:  # sharded: every process writes its shard
+        factors.save(path, overwrite=overwrite)
+    elif distributed.is_main():
         factors.save(path, overwrite=overwrite)
     distributed.barrier()
     if distributed.is_main():
@@ -267,7 +269,7 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     model, tokenizer = load_model(config)
     require(run / CORPUS, "pack the corpus", "fit")
     corpus = PackedCorpus.load(run / CORPUS, tokenizer_id=tokenizer_hash(tokenizer))
-    factors = Factors.load(run / FACTORS)
+    factors = Factors.load(run / FACTORS, shard=_query_shard(run / FACTORS, config))
     if config.query.candidates == "shortlist":
         index_ = ShortlistIndex.load(run / INDEX, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
     distributed.print0(f"answering {len(queries)} queries over {len(corpus)} training sequences "
@@ -283,6 +285,14 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     elif distributed.is_main():
         print(f"report: ekfac-influence export --config {run / 'config.query.yaml'}")
     return results
+
+
+def _query_shard(path: Path, config: RunConfig) -> tuple[int, int] | None:
+    """(rank, world) to load only this process's layers, when the factors were fitted sharded (or the
+    config asks for it) and the query needs no other layer's factors (no refinement, no normalisation)."""
+    sharded = read_manifest(path).get("config", {}).get("shard", "none") == "auto" or config.factors.shard == "auto"
+    whole = config.query.refine_steps > 0 or config.query.normalize != "none"
+    return (distributed.rank(), distributed.world()) if sharded and not whole else None
 
 
 def export(config: RunConfig, *, overwrite: bool = False) -> dict:
