@@ -1,0 +1,127 @@
+"""Factors sharded by layer (factors.shard: auto): 1, 2 and 4 gloo processes give the factors and scores
+of one; each process holds about 1/world of the factors after the passes; shards load at any world size."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+import ekfac_influence as ei
+from ekfac_influence.factors import assign_owners
+from ekfac_influence.storage import StorageError
+from conftest import free_port
+
+WORKER = Path(__file__).parent / "workers" / "distributed_shard.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def launch(out: Path, processes: int, blocks: int = 1) -> dict[str, torch.Tensor]:
+    """The worker alone (1) or under torchrun (gloo); rank 0's result."""
+    command = [sys.executable, str(WORKER)] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port(),
+         str(WORKER)]
+    done = subprocess.run(command + [str(out), str(blocks)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(out / "result.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("one")
+    return out, launch(out, 1)
+
+
+def assert_same_factors(path: Path, reference: Path) -> None:
+    """Every layer's A, S, eigenvalues, Λ and damping equal to float rounding (eigenvectors: up to sign)."""
+    one, other = ei.Factors.load(reference), ei.Factors.load(path)
+    assert one.owners is None and other.owners is None  # loaded whole
+    assert other.layer_names == one.layer_names and (other.num_sequences, other.num_tokens) == (one.num_sequences, one.num_tokens)
+    for a, b in zip(one.layers, other.layers):
+        assert set(a.tensors()) == set(b.tensors()) == {"A_II", "S_OO", "QA_II", "QS_OO", "eigA_I", "eigS_O", "lambda_OI"}
+        for key in ("A_II", "S_OO", "eigA_I", "eigS_O", "lambda_OI"):
+            x, y = (getattr(f, key) for f in (a, b))
+            x, y = (v.dense() if hasattr(v, "dense") else v for v in (x, y))
+            assert_close(y, x, rtol=1e-9, atol=1e-12, msg=f"{a.name}/{key}")
+        for key in ("QA_II", "QS_OO"):  # a rotation's columns are defined up to sign
+            x, y = (getattr(f, key) for f in (a, b))
+            x, y = (v.dense() if hasattr(v, "dense") else v for v in (x, y))
+            assert_close(y.abs(), x.abs(), rtol=1e-6, atol=1e-9, msg=f"{a.name}/{key}")
+        assert b.damping == pytest.approx(a.damping, rel=1e-9)
+
+
+def assert_same_result(result: dict, reference: dict) -> None:
+    assert result["counts"].tolist() == reference["counts"].tolist() == [27, 27 * 16]
+    for key in ("scores/rankNone", "scores/rank2"):
+        assert_close(result[key], reference[key], rtol=1e-9, atol=1e-9, msg=key)
+
+
+def test_owners_are_balanced_by_bytes_and_the_same_on_every_call():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 40, "e": 10}
+    owners = assign_owners(sizes, 2)
+    assert owners == assign_owners(dict(sizes), 2) == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 140 and 120
+    assert assign_owners(sizes, 1) == dict.fromkeys(sizes, 0)
+    assert sorted(set(assign_owners(sizes, 8).values())) == [0, 1, 2, 3, 4]  # one layer each, three idle
+
+
+def test_a_single_process_fit_with_shard_auto_writes_the_format_of_today(alone):
+    out, result = alone
+    assert sorted(p.name for p in (out / "factors").iterdir()) == ["factors.safetensors", "manifest.json"]
+    assert int(result["world"]) == 1 and result["loaded_layers"].tolist() == [18]
+
+
+def test_two_processes_fit_sharded_factors_equal_to_one_process_and_hold_half(tmp_path, alone):
+    reference_dir, reference = alone
+    result = launch(tmp_path, 2)
+    assert int(result["world"]) == 2
+    assert sorted(p.name for p in (tmp_path / "factors").iterdir()) == [
+        "factors.00000-of-00002.safetensors", "factors.00001-of-00002.safetensors", "manifest.json"]
+    assert_same_factors(tmp_path / "factors", reference_dir / "factors")
+    assert_same_result(result, reference)
+    # each process loads back the 9 of 18 layers it owns, the same it fitted
+    assert result["loaded_layers"].tolist() == [9, 9] and result["loaded_as_fitted"].tolist() == [True, True]
+    held, alone_held = result["held_bytes"], reference["held_bytes"][0]
+    # steps: covariance pass (local sums), covariances reduced, eigendecomposed, correction pass, fitted
+    assert held[:, 0].tolist() == [alone_held[0].item()] * 2  # during the pass every process sums every layer
+    for step in (1, 2, 4):
+        assert held[:, step].sum().item() == alone_held[step].item()  # nothing lost, nothing held twice
+        assert held[:, step].max().item() <= 0.55 * alone_held[step].item()
+    # a missing shard is named
+    (tmp_path / "factors" / "factors.00001-of-00002.safetensors").unlink()
+    with pytest.raises(StorageError, match="factors.00001-of-00002.safetensors is missing"):
+        ei.Factors.load(tmp_path / "factors")
+    only_first = ei.Factors.load(tmp_path / "factors", shard=(0, 2))  # what process 0 of 2 needs is all there
+    assert sum(only_first.held(name) for name in only_first.layer_names) == 9
+
+
+@pytest.mark.slow
+def test_four_processes_fit_and_score_as_one_and_hold_a_quarter(tmp_path, alone):
+    reference_dir, reference = alone
+    result = launch(tmp_path, 4)
+    assert_same_factors(tmp_path / "factors", reference_dir / "factors")
+    assert_same_result(result, reference)
+    held, alone_held = result["held_bytes"], reference["held_bytes"][0]
+    for step in (1, 2, 4):
+        assert held[:, step].sum().item() == alone_held[step].item()
+        assert held[:, step].max().item() <= 0.3 * alone_held[step].item()
+    assert result["loaded_layers"].tolist() == [5, 5, 4, 4]  # each process reads its own layers back
+    # four shards read by processes of another world size: each of 2 gets its layers, the same values
+    whole = ei.Factors.load(reference_dir / "factors")
+    halves = [ei.Factors.load(tmp_path / "factors", shard=(rank, 2)) for rank in (0, 1)]
+    for name in whole.layer_names:
+        (holder,) = [half for half in halves if half.held(name)]
+        assert_close(holder.layer(name).lambda_OI, whole.layer(name).lambda_OI, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_two_processes_shard_block_diagonal_factors_as_one_process_fits_them(tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    reference, result = launch(one, 1, blocks=2), launch(two, 2, blocks=2)
+    assert_same_factors(two / "factors", one / "factors")
+    assert_same_result(result, reference)
