@@ -15,8 +15,10 @@ from torch.testing import assert_close
 
 import ekfac_influence as ei
 from ekfac_influence.factors import assign_owners
+from ekfac_influence.model import select_layers
+from ekfac_influence.plan import STEPS, plan_fit
 from ekfac_influence.storage import StorageError
-from conftest import free_port
+from conftest import free_port, make_llama
 
 WORKER = Path(__file__).parent / "workers" / "distributed_shard.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -56,6 +58,15 @@ def assert_same_factors(path: Path, reference: Path) -> None:
         assert b.damping == pytest.approx(a.damping, rel=1e-9)
 
 
+def assert_the_plan_is_what_was_measured(held_RS: torch.Tensor, world: int, blocks: int = 1) -> None:
+    """`plan_fit` (the dry run) predicts the bytes each step held on the busiest process, to the byte."""
+    model = make_llama(hidden=16, layers=6, intermediate=32)
+    config = ei.FactorConfig(factor_dtype="float64", shard="auto", blocks=blocks, block_min_dim=32)
+    plan = plan_fit(model, select_layers(model, None), config, world, model_dtype="float64")
+    assert list(plan.steps) == list(STEPS)
+    assert [plan.steps[step] for step in STEPS] == held_RS.max(0).values.long().tolist()
+
+
 def assert_same_result(result: dict, reference: dict) -> None:
     assert result["counts"].tolist() == reference["counts"].tolist() == [27, 27 * 16]
     for key in ("scores/rankNone", "scores/rank2"):
@@ -74,6 +85,7 @@ def test_a_single_process_fit_with_shard_auto_writes_the_format_of_today(alone):
     out, result = alone
     assert sorted(p.name for p in (out / "factors").iterdir()) == ["factors.safetensors", "manifest.json"]
     assert int(result["world"]) == 1 and result["loaded_layers"].tolist() == [18]
+    assert_the_plan_is_what_was_measured(result["held_bytes"], 1)
 
 
 def test_two_processes_fit_sharded_factors_equal_to_one_process_and_hold_half(tmp_path, alone):
@@ -92,6 +104,7 @@ def test_two_processes_fit_sharded_factors_equal_to_one_process_and_hold_half(tm
     for step in (1, 2, 4):
         assert held[:, step].sum().item() == alone_held[step].item()  # nothing lost, nothing held twice
         assert held[:, step].max().item() <= 0.55 * alone_held[step].item()
+    assert_the_plan_is_what_was_measured(held, 2)
     # a missing shard is named
     (tmp_path / "factors" / "factors.00001-of-00002.safetensors").unlink()
     with pytest.raises(StorageError, match="factors.00001-of-00002.safetensors is missing"):
@@ -110,6 +123,7 @@ def test_four_processes_fit_and_score_as_one_and_hold_a_quarter(tmp_path, alone)
     for step in (1, 2, 4):
         assert held[:, step].sum().item() == alone_held[step].item()
         assert held[:, step].max().item() <= 0.3 * alone_held[step].item()
+    assert_the_plan_is_what_was_measured(held, 4)
     assert result["loaded_layers"].tolist() == [5, 5, 4, 4]  # each process reads its own layers back
     # four shards read by processes of another world size: each of 2 gets its layers, the same values
     whole = ei.Factors.load(reference_dir / "factors")
@@ -125,3 +139,4 @@ def test_two_processes_shard_block_diagonal_factors_as_one_process_fits_them(tmp
     reference, result = launch(one, 1, blocks=2), launch(two, 2, blocks=2)
     assert_same_factors(two / "factors", one / "factors")
     assert_same_result(result, reference)
+    assert_the_plan_is_what_was_measured(result["held_bytes"], 2, blocks=2)
