@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from . import distributed
 from .config import FactorConfig
 from .factors import (BlockDiagonal, Factors, LayerFactors, assign_owners, block_slices, blocked_covariance, damping_for,
-                      eigendecompose, factor_blocks, flatten_blocks, layer_factor_bytes, parts,
+                      eigendecompose, factor_blocks, flatten_blocks, parts,
                       rotated_sequence_gradients, sequence_gradients, unflatten_blocks)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, at_least_float32, batch_size
 from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
+from .plan import factor_bytes, layer_groups
 from .reference import estimate_lissa_scale, exact_ggn
 from .storage import PassCheckpoint
 
@@ -137,30 +138,6 @@ def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config
         correct_eigenvalues(model, layers, fitted, batches, objective, config, show_progress, checkpoint, owners)
     _record("fitted", fitted)
     return fitted, num_sequences, num_tokens
-
-
-def factor_bytes(layer: TrackedLayer, config: FactorConfig | None = None) -> int:
-    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S (b× less with b blocks) and Λ in float64."""
-    return layer_factor_bytes(layer.out_features, layer.in_dim, config)
-
-
-def layer_groups(layers: list[TrackedLayer], budget_gb: float | None,
-                 config: FactorConfig | None = None) -> list[list[TrackedLayer]]:
-    """Consecutive groups of layers whose factors fit in the budget (one group without a budget).
-
-    Each group costs its own passes over the data (two for ekfac), so a tight budget trades memory
-    for time; a layer larger than the budget on its own gets a group of its own.
-    """
-    if budget_gb is None:
-        return [layers]
-    budget, groups, size = budget_gb * 2**30, [[]], 0
-    for layer in layers:
-        if groups[-1] and size + factor_bytes(layer, config) > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(layer)
-        size += factor_bytes(layer, config)
-    return groups
 
 
 def eigendecompose_layers(fitted: list[LayerFactors], config: FactorConfig, owners: dict[str, int] | None = None) -> None:

@@ -65,15 +65,39 @@ class FitPlan:
         """The plan as lines of text, GiB with two decimals."""
         lines = [f"world {self.world}, {self.layers} tracked layers, factors "
                  f"{'sharded by layer' if self.sharded else 'on every process'}; bytes per process (the busiest):",
-                 f"  {'model weights':<46}{gib(self.model_bytes):>12}",
-                 f"  {'buffers (one batch of ā, g; a reduce bucket)':<46}{gib(self.buffer_bytes):>12}"]
-        lines += [f"  {'factors, ' + step:<46}{gib(value):>12}" for step, value in self.steps.items()]
-        lines += [f"  {'peak = model + buffers + largest factor step':<46}{gib(self.peak):>12}",
-                  f"  {'factors kept after the fit (factor_dtype)':<46}{gib(self.stored_bytes):>12}"]
+                 f"  {'model weights':<56}{gib(self.model_bytes):>12}",
+                 f"  {'buffers (one batch of ā, g; a reduce bucket)':<56}{gib(self.buffer_bytes):>12}"]
+        lines += [f"  {'factors, ' + step:<56}{gib(value):>12}" for step, value in self.steps.items()]
+        lines += [f"  {'peak = model + buffers + largest factor step':<56}{gib(self.peak):>12}",
+                  f"  {'factors kept after the fit (factor_dtype)':<56}{gib(self.stored_bytes):>12}"]
         if device_bytes is not None:
             verdict = "fits" if self.fits(device_bytes) else "does NOT fit"
             lines.append(f"  {verdict} in {gib(device_bytes)} of device memory")
         return "\n".join(lines)
+
+
+def factor_bytes(layer: TrackedLayer, config: FactorConfig | None = None) -> int:
+    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S (b× less with b blocks) and Λ in float64."""
+    return layer_factor_bytes(layer.out_features, layer.in_dim, config)
+
+
+def layer_groups(layers: list[TrackedLayer], budget_gb: float | None,
+                 config: FactorConfig | None = None) -> list[list[TrackedLayer]]:
+    """Consecutive groups of layers whose factors fit in the budget (one group without a budget).
+
+    Each group costs its own passes over the data (two for ekfac), so a tight budget trades memory
+    for time; a layer larger than the budget on its own gets a group of its own.
+    """
+    if budget_gb is None:
+        return [layers]
+    budget, groups, size = budget_gb * 2**30, [[]], 0
+    for layer in layers:
+        if groups[-1] and size + factor_bytes(layer, config) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(layer)
+        size += factor_bytes(layer, config)
+    return groups
 
 
 def gib(value: float) -> str:
@@ -82,29 +106,19 @@ def gib(value: float) -> str:
 
 def plan_fit(model: nn.Module, layers: list[TrackedLayer], config: FactorConfig, world: int, *,
              model_dtype: str = "float32", batch_size: int = 8, length: int = 512, fsdp: bool = False) -> FitPlan:
-    """The memory of fitting `config` (kfac/ekfac) on `world` processes; `model` may live on the meta device."""
+    """The memory of fitting `config` (kfac/ekfac) on `world` processes; `model` may live on the meta device.
+
+    With `memory_budget_gb` the layers are fitted in groups: a step's figure is then the largest
+    group's, and the factors of the groups done wait in host memory (not counted here).
+    """
     if config.strategy not in ("kfac", "ekfac"):
         raise ValueError(f"the dry run plans kfac and ekfac fits; strategy {config.strategy!r} holds other tensors")
     sharded = config.shard == "auto" and world > 1
-    owners = assign_owners({l.name: layer_factor_bytes(l.out_features, l.in_dim, config) for l in layers}, world) \
+    owners = assign_owners({l.name: factor_bytes(l, config) for l in layers}, world) \
         if sharded else {l.name: 0 for l in layers}
-    acc, work = BYTES[config.accumulate_dtype], 8 if model_dtype == "float64" else 4
-    steps_by_rank = []
-    for rank in range(world if sharded else 1):
-        own = [l for l in layers if owners[l.name] == rank]
-        elsewhere = [l for l in layers if owners[l.name] != rank]
-        cov = {l.name: _covariance_elements(l, config) for l in layers}
-        held_cov = sum(cov[l.name] for l in own)
-        eig = sum(l.in_dim + l.out_features for l in own)
-        lam_all = sum(l.out_features * l.in_dim for l in layers)
-        steps = {STEPS[0]: acc * sum(cov.values()),
-                 STEPS[1]: 8 * held_cov,
-                 STEPS[2]: 8 * (2 * held_cov + eig)}
-        if config.strategy == "ekfac":
-            steps[STEPS[3]] = steps[STEPS[2]] + acc * lam_all + work * sum(cov[l.name] for l in elsewhere)
-        steps[STEPS[4]] = steps[STEPS[2]] + 8 * sum(l.out_features * l.in_dim for l in own)
-        stored = BYTES[config.factor_dtype] * (2 * held_cov + eig + sum(l.out_features * l.in_dim for l in own))
-        steps_by_rank.append((steps, stored))
+    steps_by_rank = [_steps(group, owners, rank, config, model_dtype)
+                     for group in layer_groups(layers, config.memory_budget_gb, config)
+                     for rank in range(world if sharded else 1)]
     params = sum(p.numel() for p in model.parameters())
     captured = batch_size * length * sum(l.in_dim + l.out_features for l in layers) * BYTES[model_dtype]
     return FitPlan(
@@ -114,6 +128,26 @@ def plan_fit(model: nn.Module, layers: list[TrackedLayer], config: FactorConfig,
         steps={step: max(s.get(step, 0) for s, _ in steps_by_rank) for step in steps_by_rank[0][0]},
         stored_bytes=max(stored for _, stored in steps_by_rank),
     )
+
+
+def _steps(layers: list[TrackedLayer], owners: dict[str, int], rank: int, config: FactorConfig,
+           model_dtype: str) -> tuple[dict[str, int], int]:
+    """({step: bytes}, bytes stored) of process `rank` fitting `layers`."""
+    acc, work = BYTES[config.accumulate_dtype], 8 if model_dtype == "float64" else 4
+    own = [l for l in layers if owners[l.name] == rank]
+    elsewhere = [l for l in layers if owners[l.name] != rank]
+    cov = {l.name: _covariance_elements(l, config) for l in layers}
+    held_cov = sum(cov[l.name] for l in own)
+    eig = sum(l.in_dim + l.out_features for l in own)
+    lam_all = sum(l.out_features * l.in_dim for l in layers)
+    steps = {STEPS[0]: acc * sum(cov.values()),
+             STEPS[1]: 8 * held_cov,
+             STEPS[2]: 8 * (2 * held_cov + eig)}
+    if config.strategy == "ekfac":
+        steps[STEPS[3]] = steps[STEPS[2]] + acc * lam_all + work * sum(cov[l.name] for l in elsewhere)
+    steps[STEPS[4]] = steps[STEPS[2]] + 8 * sum(l.out_features * l.in_dim for l in own)
+    stored = BYTES[config.factor_dtype] * (2 * held_cov + eig + sum(l.out_features * l.in_dim for l in own))
+    return steps, stored
 
 
 def _covariance_elements(layer: TrackedLayer, config: FactorConfig) -> int:
