@@ -140,3 +140,45 @@ def test_two_processes_shard_block_diagonal_factors_as_one_process_fits_them(tmp
     assert_same_factors(two / "factors", one / "factors")
     assert_same_result(result, reference)
     assert_the_plan_is_what_was_measured(result["held_bytes"], 2, blocks=2)
+
+
+def test_float32_accumulation_halves_the_covariance_pass_and_stays_within_float32_rounding_of_float64():
+    from conftest import char_sequences, lm_batches
+
+    from ekfac_influence import fit
+
+    model = make_llama(hidden=16, layers=2, intermediate=32)
+    train = lm_batches(char_sequences(27, 16), 4)
+    fitted, held = {}, {}
+    for accumulate in ("float64", "float32"):
+        config = ei.FactorConfig(factor_dtype="float64", accumulate_dtype=accumulate)
+        fitted[accumulate] = ei.fit_factors(model, train, ei.CausalLMObjective(), config, show_progress=False)
+        held[accumulate] = dict(fit.HELD_BYTES)
+    assert held["float32"]["covariance pass: local sums"] * 2 == held["float64"]["covariance pass: local sums"]
+    assert held["float32"]["fitted"] == held["float64"]["fitted"]  # the means are float64 either way
+    for a, b in zip(fitted["float64"].layers, fitted["float32"].layers):
+        for key in ("A_II", "S_OO", "lambda_OI"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert y.dtype == torch.float64 and not torch.equal(x, y)  # really summed in float32
+            assert_close(y, x, rtol=1e-5, atol=1e-6 * float(x.abs().max()), msg=f"{a.name}/{key}")
+
+
+def test_fit_dry_run_prints_the_bytes_per_process_of_a_llama_7b_built_on_the_meta_device(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from ekfac_influence.cli import main
+
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(tmp_path / "llama7b")
+    common = ["fit", "--model.path", str(tmp_path / "llama7b"), "--run", str(tmp_path / "run"), "--dry-run",
+              "--model.dtype", "bfloat16", "--corpus.length", "2048", "--fit.batch_size", "1"]
+    assert main(common + ["--world-size", "1", "--device-memory", "80GB"]) == 0
+    alone = capsys.readouterr().out
+    assert "96 tracked layers" in alone and "covariance pass: local sums" in alone
+    assert "98.67 GiB" in alone  # the float64 covariance sums of the 96 MLP linears (docs/scaling.md)
+    assert "does NOT fit in 80.00 GiB" in alone
+    assert main(common + ["--world-size", "8", "--factors.shard", "auto", "--factors.accumulate_dtype", "float32",
+                          "--factors.memory_budget_gb", "16"]) == 0
+    sharded = capsys.readouterr().out
+    assert "factors sharded by layer" in sharded and "world 8" in sharded
+    assert not (tmp_path / "run").exists()  # nothing fitted, nothing written
