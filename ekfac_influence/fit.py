@@ -34,7 +34,8 @@ from .storage import PassCheckpoint
 _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed at once
 
 # Bytes of factor tensors this process held at the end of each step of the last kfac/ekfac fit
-# (measured: the sum over the tensors actually held), for scripts/shard_memory.py and its tests.
+# (measured: the sum over the tensors actually held; with groups of layers, the largest group's),
+# for scripts/shard_memory.py and its tests; `plan.plan_fit` predicts them.
 HELD_BYTES: dict[str, int] = {}
 
 
@@ -118,7 +119,8 @@ def held_bytes(values) -> int:
 
 
 def _record(step: str, values) -> None:
-    HELD_BYTES[step] = HELD_BYTES.get(step, 0) + held_bytes(values)
+    """Note the bytes held at `step`: the largest over groups of layers (a group's factors leave the device after it)."""
+    HELD_BYTES[step] = max(HELD_BYTES.get(step, 0), held_bytes(values))
 
 
 def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config: FactorConfig, show_progress: bool,

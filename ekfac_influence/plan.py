@@ -48,7 +48,7 @@ class FitPlan:
     model_bytes: int
     buffer_bytes: int
     steps: dict[str, int] = field(default_factory=dict)
-    stored_bytes: int = 0  # the fitted factors this process keeps, in factor_dtype
+    stored_bytes: int = 0  # the fitted factors this process keeps (all groups), in factor_dtype
 
     @property
     def factor_peak(self) -> int:
@@ -109,16 +109,16 @@ def plan_fit(model: nn.Module, layers: list[TrackedLayer], config: FactorConfig,
     """The memory of fitting `config` (kfac/ekfac) on `world` processes; `model` may live on the meta device.
 
     With `memory_budget_gb` the layers are fitted in groups: a step's figure is then the largest
-    group's, and the factors of the groups done wait in host memory (not counted here).
+    group's; the factors of the groups done wait in host memory (counted in `stored_bytes` only).
     """
     if config.strategy not in ("kfac", "ekfac"):
         raise ValueError(f"the dry run plans kfac and ekfac fits; strategy {config.strategy!r} holds other tensors")
     sharded = config.shard == "auto" and world > 1
     owners = assign_owners({l.name: factor_bytes(l, config) for l in layers}, world) \
         if sharded else {l.name: 0 for l in layers}
-    steps_by_rank = [_steps(group, owners, rank, config, model_dtype)
-                     for group in layer_groups(layers, config.memory_budget_gb, config)
-                     for rank in range(world if sharded else 1)]
+    groups, ranks = layer_groups(layers, config.memory_budget_gb, config), range(world if sharded else 1)
+    steps_by_rank = [_steps(group, owners, rank, config, model_dtype) for group in groups for rank in ranks]
+    stored = max(sum(_steps(group, owners, rank, config, model_dtype)[1] for group in groups) for rank in ranks)
     params = sum(p.numel() for p in model.parameters())
     captured = batch_size * length * sum(l.in_dim + l.out_features for l in layers) * BYTES[model_dtype]
     return FitPlan(
@@ -126,7 +126,7 @@ def plan_fit(model: nn.Module, layers: list[TrackedLayer], config: FactorConfig,
         model_bytes=params * BYTES[model_dtype] // (world if fsdp else 1),
         buffer_bytes=captured + (REDUCE_BUCKET_BYTES if world > 1 else 0),
         steps={step: max(s.get(step, 0) for s, _ in steps_by_rank) for step in steps_by_rank[0][0]},
-        stored_bytes=max(stored for _, stored in steps_by_rank),
+        stored_bytes=stored,
     )
 
 
