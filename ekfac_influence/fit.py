@@ -281,10 +281,12 @@ def _eigenvectors_everywhere(model, fitted: list[LayerFactors], owners: dict[str
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     rotations = {}
     for f in fitted:
-        if f.QS_OO is not None:
-            QS, QA = f.QS_OO.to(device, dtype), f.QA_II.to(device, dtype)
-        else:
-            QS, QA = (_empty_factor(size, factor_blocks(size, config), device, dtype) for size in (f.out_dim, f.in_dim))
+        if f.QS_OO is not None:  # the owner sends a copy and keeps rotating with its own, as unsharded
+            distributed.broadcast_tensors_(parts(f.QS_OO.to(device, dtype)) + parts(f.QA_II.to(device, dtype)),
+                                           src=owners[f.name])
+            rotations[f.name] = (f.QS_OO, f.QA_II)
+            continue
+        QS, QA = (_empty_factor(size, factor_blocks(size, config), device, dtype) for size in (f.out_dim, f.in_dim))
         distributed.broadcast_tensors_(parts(QS) + parts(QA), src=owners[f.name])
         rotations[f.name] = (QS, QA)
     return rotations
