@@ -284,10 +284,9 @@ class Factors:
         if self.owners is None:
             write_stage(path, tensors, manifest, overwrite=overwrite)
             return
-        world = max(self.owners.values()) + 1
         for entry in manifest["layers"]:
-            entry["shard"] = shard_file(self.owners[entry["name"]], world)
-        write_sharded_stage(path, tensors, dict(manifest, shards=world), overwrite=overwrite)
+            entry["shard"] = self.owners[entry["name"]]  # the process whose file holds it
+        write_sharded_stage(path, tensors, manifest, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, *, model: nn.Module | None = None, shard: tuple[int, int] | None = None) -> "Factors":
@@ -307,7 +306,8 @@ class Factors:
                                     for e in manifest["layers"]}, shard[1])
         wanted = {e["name"] for e in manifest["layers"] if owners is None or owners[e["name"]] == shard[0]}
         if "shards" in manifest:
-            files = list(dict.fromkeys(e["shard"] for e in manifest["layers"] if e["name"] in wanted))
+            files = list(dict.fromkeys(shard_file(e["shard"], manifest["shards"]) for e in manifest["layers"]
+                                       if e["name"] in wanted))
             tensors = read_shard_files(path, manifest, files)
         else:
             tensors = read_shard_files(path, manifest, [FACTORS_FILE])

@@ -137,8 +137,9 @@ def shard_file(rank: int, world: int) -> str:
 
 
 def write_sharded_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overwrite: bool) -> None:
-    """Every process writes its own `tensors` as one shard; the main process adds `manifest` (with every
-    shard's checksum, under "checksums") and renames the directory into place. Collective: every
+    """Every process writes its own `tensors` as one shard (`shard_file`); the main process adds `manifest`
+    (with the number of shards, "shards", and every shard's checksum, "checksums") and renames the
+    directory into place. Collective: every
     process calls it; a failure on any process (a full disk) is raised on all, and nothing is left.
     """
     path, rank, world = Path(path), distributed.rank(), distributed.world()
@@ -165,7 +166,8 @@ def write_sharded_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, 
             raise OSError(f"writing a shard failed: {failed[0]}")
         if rank == 0:
             checksums = {file: digest for file, digest, _ in written.values()}
-            (tmp / MANIFEST_FILE).write_text(json.dumps(dict(manifest, checksums=checksums), indent=2, sort_keys=True))
+            (tmp / MANIFEST_FILE).write_text(json.dumps(dict(manifest, shards=world, checksums=checksums), indent=2,
+                                                        sort_keys=True))
             replace_directory(tmp, path)
     finally:
         distributed.barrier()

@@ -24,12 +24,13 @@ WORKER = Path(__file__).parent / "workers" / "distributed_shard.py"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
-def launch(out: Path, processes: int, blocks: int = 1, strategy: str = "ekfac") -> dict[str, torch.Tensor]:
+def launch(out: Path, processes: int, blocks: int = 1, strategy: str = "ekfac", layers: str | None = None
+           ) -> dict[str, torch.Tensor]:
     """The worker alone (1) or under torchrun (gloo); rank 0's result."""
     command = [sys.executable, str(WORKER)] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port(),
          str(WORKER)]
-    done = subprocess.run(command + [str(out), str(blocks), strategy], env=ENV, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command + [str(out), str(blocks), strategy] + ([layers] if layers else []), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(str(out / "result.safetensors"))
 
@@ -191,3 +192,28 @@ def test_two_processes_shard_kfac_factors_as_one_process_fits_them(tmp_path_fact
     assert_same_factors(two / "factors", one / "factors")
     assert_same_result(result, reference)
     assert_the_plan_is_what_was_measured(result["held_bytes"], 2, strategy="kfac")
+
+
+@pytest.mark.slow
+def test_four_processes_with_three_layers_leave_one_process_without_factors_and_still_score_as_one(tmp_path_factory):
+    one, four = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("four")
+    pattern = r"layers\.[0-2]\.mlp\.down_proj"
+    reference, result = launch(one, 1, layers=pattern), launch(four, 4, layers=pattern)
+    assert result["loaded_layers"].tolist() == [1, 1, 1, 0]
+    assert len(list((four / "factors").glob("factors.*-of-00004.safetensors"))) == 4  # an empty shard too
+    assert_same_factors(four / "factors", one / "factors")
+    assert_same_result(result, reference)
+
+
+def test_refinement_refuses_sharded_factors_by_name():
+    import dataclasses
+
+    from conftest import char_sequences, lm_batches, query_batches
+
+    model = make_llama()
+    train = lm_batches(char_sequences(8, 16), 4)
+    factors = ei.fit_factors(model, train, ei.CausalLMObjective(), ei.FactorConfig(), show_progress=False)
+    sharded = dataclasses.replace(factors, owners=dict.fromkeys(factors.layer_names, 0))
+    with pytest.raises(ValueError, match="these factors are sharded"):
+        ei.compute_scores(model, sharded, query_batches([("a", " b")]), train, ei.CausalLMObjective(),
+                          ei.ScoreConfig(refine_steps=1), show_progress=False)

@@ -1,6 +1,6 @@
 """Fit EK-FAC factors sharded by layer (factors.shard: auto), save the shards, score; alone or under torchrun.
 
-    torchrun --nproc_per_node 2 tests/workers/distributed_shard.py OUT_DIR [BLOCKS [STRATEGY]]
+    torchrun --nproc_per_node 2 tests/workers/distributed_shard.py OUT_DIR [BLOCKS [STRATEGY [LAYERS]]]
 
 Writes OUT_DIR/factors/ (the shards and their manifest) and, from rank 0, OUT_DIR/result.safetensors:
 the scores (dense and rank-2 query gradients), the counts, and per process the factor bytes held
@@ -24,12 +24,13 @@ STEPS = ("covariance pass: local sums", "covariances reduced", "eigendecomposed"
          "correction pass: local sums and eigenvectors", "fitted")
 
 
-def run(out: Path, blocks: int = 1, strategy: str = "ekfac") -> dict[str, torch.Tensor]:
+def run(out: Path, blocks: int = 1, strategy: str = "ekfac", layers: str | None = None) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
     model = make_llama(hidden=16, layers=6, intermediate=32)  # 18 tracked MLP linears
     train = lm_batches(char_sequences(27, 16), 4)  # 7 batches, the last one of 3: uneven over 2 and 4 processes
     objective = ei.CausalLMObjective()
-    config = ei.FactorConfig(strategy=strategy, factor_dtype="float64", shard="auto", blocks=blocks, block_min_dim=32)
+    config = ei.FactorConfig(strategy=strategy, factor_dtype="float64", shard="auto", blocks=blocks, block_min_dim=32,
+                             layers=None if layers is None else (layers,))
     factors = ei.fit_factors(model, train, objective, config, show_progress=False)
     held = torch.tensor([fit.HELD_BYTES.get(step, 0) for step in STEPS], dtype=torch.float64)
     factors.save(out / "factors", overwrite=True)
@@ -51,6 +52,8 @@ def run(out: Path, blocks: int = 1, strategy: str = "ekfac") -> dict[str, torch.
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
-    tensors = run(out, blocks=int(sys.argv[2]) if len(sys.argv) > 2 else 1, strategy=sys.argv[3] if len(sys.argv) > 3 else "ekfac")
+    arguments = sys.argv[2:]
+    tensors = run(out, blocks=int(arguments[0]) if arguments else 1, strategy=arguments[1] if len(arguments) > 1 else "ekfac",
+                  layers=arguments[2] if len(arguments) > 2 else None)
     if distributed.is_main():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "result.safetensors"))
