@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             datasets.disable_progress_bars()
         from . import run
 
+        if args.command == "fit" and not args.dry_run and (args.world_size or args.device_memory):
+            raise ConfigError("--world-size and --device-memory go with --dry-run")
         if args.command == "fit" and args.dry_run:
             from .plan import parse_bytes
 

@@ -163,8 +163,13 @@ def _covariance_elements(layer: TrackedLayer, config: FactorConfig) -> int:
 def parse_bytes(text: str) -> float:
     """'80GB', '80 GiB', '141e9' → bytes (GB and GiB both read as 2^30, as GPU makers' '80GB' means)."""
     cleaned = text.strip().upper().replace(" ", "")
-    for suffix, scale in (("TIB", 2**40), ("TB", 2**40), ("GIB", 2**30), ("GB", 2**30), ("MIB", 2**20), ("MB", 2**20),
-                          ("B", 1)):
+    scale = 1
+    for suffix, factor in (("TIB", 2**40), ("TB", 2**40), ("GIB", 2**30), ("GB", 2**30), ("MIB", 2**20), ("MB", 2**20),
+                           ("B", 1)):
         if cleaned.endswith(suffix):
-            return float(cleaned[: -len(suffix)]) * scale
-    return float(cleaned)
+            cleaned, scale = cleaned[: -len(suffix)], factor
+            break
+    try:
+        return float(cleaned) * scale
+    except ValueError:
+        raise ValueError(f"device memory {text!r} is not a size like 80GB, 141GiB or 8e10") from None

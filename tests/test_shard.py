@@ -183,6 +183,8 @@ def test_fit_dry_run_prints_the_bytes_per_process_of_a_llama_7b_built_on_the_met
     sharded = capsys.readouterr().out
     assert "factors sharded by layer" in sharded and "world 8" in sharded
     assert not (tmp_path / "run").exists()  # nothing fitted, nothing written
+    assert main(common + ["--device-memory", "lots"]) == 2
+    assert "device memory 'lots' is not a size like 80GB" in capsys.readouterr().err
 
 
 @pytest.mark.slow
