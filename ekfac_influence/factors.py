@@ -305,13 +305,10 @@ class Factors:
             owners = assign_owners({e["name"]: layer_factor_bytes(e["out_dim"], e["in_dim"], config)
                                     for e in manifest["layers"]}, shard[1])
         wanted = {e["name"] for e in manifest["layers"] if owners is None or owners[e["name"]] == shard[0]}
-        if "shards" in manifest:
-            files = list(dict.fromkeys(shard_file(e["shard"], manifest["shards"]) for e in manifest["layers"]
-                                       if e["name"] in wanted))
-            tensors = read_shard_files(path, manifest, files)
-        else:
-            tensors = read_shard_files(path, manifest, [FACTORS_FILE])
-        tensors = {key: value for key, value in tensors.items() if key == "ggn_PP" or key.rsplit("/", 1)[0] in wanted}
+        files = [FACTORS_FILE] if "shards" not in manifest else \
+            list(dict.fromkeys(shard_file(e["shard"], manifest["shards"]) for e in manifest["layers"] if e["name"] in wanted))
+        tensors = read_shard_files(path, manifest, files, keep=None if owners is None else
+                                   lambda key: key == "ggn_PP" or key.rsplit("/", 1)[0] in wanted)
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "

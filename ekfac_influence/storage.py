@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file as _save_file
 
@@ -113,8 +114,12 @@ def read_manifest(path) -> dict:
         raise StorageError(f"{manifest_path} is not valid JSON ({error}); the file is corrupted") from None
 
 
-def read_shard_files(path, manifest: dict, files: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors of `files` in the stage directory `path`, each checked against the manifest's checksum."""
+def read_shard_files(path, manifest: dict, files: list[str], keep=None) -> dict[str, torch.Tensor]:
+    """The tensors of `files` in the stage directory `path`, each checked against the manifest's checksum.
+
+    keep: a predicate on tensor names; only those tensors are read into memory (the checksum still
+    covers the whole file, read in chunks).
+    """
     path, tensors = Path(path), {}
     for name in files:
         tensor_path = path / name
@@ -127,7 +132,11 @@ def read_shard_files(path, manifest: dict, files: list[str]) -> dict[str, torch.
         if sha256_file(tensor_path) != expected:
             raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted: "
                                f"compute it again (e.g. ekfac-influence fit --overwrite)")
-        tensors.update(load_file(str(tensor_path)))
+        if keep is None:
+            tensors.update(load_file(str(tensor_path)))
+            continue
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys() if keep(key)})
     return tensors
 
 
