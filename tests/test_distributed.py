@@ -40,13 +40,13 @@ def test_two_processes_give_the_factors_and_scores_of_one_with_an_uneven_last_ba
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
-def run_alone_and_on_two_processes(worker: Path, one: Path, two: Path) -> None:
-    """The worker script alone, then under torchrun with 2 processes (gloo), each given its output path."""
+def run_alone_and_on_two_processes(worker: Path, one: Path, two: Path, *arguments: str) -> None:
+    """The worker script alone, then under torchrun with 2 processes (gloo), each given its output path (and arguments)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     for out, command in ((one, [sys.executable, str(worker)]),
                          (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                 "--master_port", free_port(), str(worker)])):
-        launched = subprocess.run(command + [str(out)], env=env, capture_output=True, text=True, timeout=600)
+        launched = subprocess.run(command + [str(out), *arguments], env=env, capture_output=True, text=True, timeout=600)
         assert launched.returncode == 0, launched.stderr[-3000:]
 
 
@@ -76,15 +76,18 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scores_of_one_process(tmp_path):
-    """FSDP2 keeps half of every weight on each process; the hooks still see full activations."""
+@pytest.mark.parametrize("shard", ["none", "auto"])
+def test_a_model_sharded_with_fsdp_over_two_processes_gives_the_factors_and_scores_of_one_process(tmp_path, shard):
+    """FSDP2 keeps half of every weight on each process; the hooks still see full activations. With
+    factors.shard = auto each process also owns half of the layers' factors (issue 20)."""
     run_alone_and_on_two_processes(WORKER.parent / "distributed_fsdp.py", tmp_path / "one.safetensors",
-                                   tmp_path / "two.safetensors")
+                                   tmp_path / "two.safetensors", shard)
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert int(one["sharded"]) == 0 and int(two["sharded"]) == 1
+    assert int(two["owners"]) == (2 if shard == "auto" else 0)
     assert torch.equal(one["fingerprint"], two["fingerprint"])  # the same model, whether sharded or not
     for key, value in one.items():
-        if key not in ("sharded", "fingerprint") and not key.endswith("QA_II"):
+        if key not in ("sharded", "fingerprint", "owners") and not key.endswith("QA_II"):
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
