@@ -58,3 +58,18 @@ def atomic_write_text(path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NotTextError(ValueError):
+    """A file meant as UTF-8 text holds other bytes; the message names the file and the byte offset."""
+
+
+def read_utf8(path, what: str = "file") -> str:
+    """The file's text, or one line naming the file and the offset of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise NotTextError(f"{what} {path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
+                           f"(line {line}); save it as UTF-8") from None

@@ -118,7 +118,7 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
                           show_progress=show_progress)
         clock.lap("rescore")
         resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
-        train_size = config.train_size or factors.num_sequences
+        train_size = config.train_size or len(corpus)  # the training set being explained (README: delta_logp)
         records = [_record(q, resolved[q], details[q], corpus, tokenizer, train_size, config,
                            len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
         results = QueryResults(resolved, records, scores_QN, train_size, [l.name for l in layers], clock.laps)
@@ -326,6 +326,7 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
                            "meaning": "scan scores (rank-k when config.rank is set); NaN = not scanned"},
                 "fingerprint": factors.fingerprint, "strategy": factors.strategy, "tokenizer_id": tokenizer_id(tokenizer),
                 "corpus_id": corpus.corpus_id, "num_train_sequences": results.num_train_sequences,
+                "factors_corpus": dict(factors.meta.get("corpus") or {}, num_sequences=factors.num_sequences),
                 "layers": results.layer_names, "config": to_dict(config)}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     for progress in [tmp / "key.json", *tmp.glob("scan.rank*"), *tmp.glob("refine.rank*")]:

@@ -29,13 +29,13 @@ from .audit import near_duplicate_groups, sketched_cosines
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
-from .data import (DataError, PackedCorpus, corpus_source, dataset_documents, load_corpus, pack_to_disk, read_queries,
-                   training_batches)
+from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, dataset_documents, load_corpus,
+                   locate_corpus_problem, pack_to_disk, read_queries, training_batches)
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
 from .fit import check_exact_size, fit_factors
-from .model import fingerprint, load_causal_lm, load_tokenizer, select_layers
+from .model import context_length, fingerprint, load_causal_lm, load_tokenizer, model_context, select_layers
 from .objectives import CausalLMObjective
 from .query import query_influence
 from .report import export_report
@@ -103,6 +103,8 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
             pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
                          separate_documents=config.corpus.separate_documents, show_progress=show_progress,
                          total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
+        except UndecodableText as error:
+            raise DataError(locate_corpus_problem(config.corpus.path) or f"corpus {config.corpus.path}: {error}") from None
         except DataError as error:
             raise DataError(f"corpus {config.corpus.path}: {error}") from None
     distributed.barrier()
@@ -126,22 +128,57 @@ def _corpus_differences(corpus: PackedCorpus, config: RunConfig, tokenizer, sour
     return found
 
 
+def check_corpus_length(config: RunConfig, context: int | None) -> None:
+    """Refuse training sequences longer than the model's context: positions past it were never trained (a rotary
+    model scores them without complaint, a learned-position one fails mid-pass)."""
+    if context and config.corpus.length > context:
+        raise ConfigError(f"corpus.length: {config.corpus.length} tokens is longer than the model's context of "
+                          f"{context} (max_position_embeddings of {config.model.path}); set corpus.length to at most "
+                          f"{context}")
+
+
 def training_loader(corpus: PackedCorpus, batch_size: int, num_workers: int):
     return training_batches(corpus, batch_size, num_workers=num_workers)
 
 
-def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
-    """Save the resolved config of `stage` and merge `facts` into the run's manifest (main process only)."""
+def corpus_facts(corpus: PackedCorpus) -> dict:
+    """What a stage was computed from: the packed corpus's id, its source's content sha256, its size."""
+    return {"corpus_id": corpus.corpus_id, "source_sha256": (corpus.meta.get("source") or {}).get("sha256"),
+            "num_sequences": len(corpus)}
+
+
+def record_stage(config: RunConfig, stage: str, facts: dict, *, corpus: PackedCorpus | None = None) -> None:
+    """Save the resolved config of `stage` and merge `facts` into the run's manifest (main process only).
+
+    corpus: the packed corpus the stage read, recorded under stages.<stage>.corpus (corpus_facts).
+    """
     if not distributed.is_main():
         return
     run = Path(config.run)
+    manifest = read_run_manifest(run)
     atomic_write_text(run / f"config.{stage}.yaml", save_run_config(config))
     path = run / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {"kind": "ekfac_influence.run"}
     manifest.update(facts)
     manifest.setdefault("stages", {})[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": __version__,
                                                 "torch": torch.__version__}
+    if corpus is not None:
+        manifest["stages"][stage]["corpus"] = corpus_facts(corpus)
     atomic_write_text(path, json.dumps(manifest, indent=2))
+
+
+def read_run_manifest(run: Path) -> dict:
+    """The run's manifest.json ({"kind": ...} for a new run); a damaged one is named before any work, not after."""
+    path = Path(run) / "manifest.json"
+    if not path.exists():
+        return {"kind": "ekfac_influence.run"}
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StorageError(f"{path} is not valid JSON ({error}); the file is corrupted: restore it, or remove it (the "
+                           f"stages' own manifests stay) and rerun") from None
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{path} is not a run manifest (a JSON object); the file is corrupted: restore or remove it")
+    return manifest
 
 
 def check_writable(path) -> None:
@@ -155,6 +192,23 @@ def check_writable(path) -> None:
         pass
 
 
+def note_factors_corpus(factors: Factors, corpus: PackedCorpus, config: RunConfig) -> None:
+    """Say so when the factors were fitted on another corpus than the one scored (legal: G from a sample).
+
+    delta_logp then divides by the sequences scored (query.train_size when set), not those fitted on.
+    """
+    fitted = factors.meta.get("corpus") or {}
+    same = (fitted.get("corpus_id") == corpus.corpus_id if fitted.get("corpus_id")
+            else factors.num_sequences == len(corpus))  # factors of a run before they recorded their corpus
+    if not same:
+        n = config.query.train_size or len(corpus)
+        distributed.print0(f"note: the factors were fitted on {factors.num_sequences} sequences of another corpus "
+                           f"(id {fitted.get('corpus_id', 'not recorded')}); scoring the {len(corpus)} sequences of "
+                           f"{Path(config.run) / CORPUS} (id {corpus.corpus_id}) with them; "
+                           f"delta_logp = score / {n}" + ("" if config.query.train_size else
+                                                        " (set query.train_size to the training set's size)"))
+
+
 def require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command}, with this run's config)")
@@ -166,9 +220,11 @@ def require(path: Path, what: str, command: str) -> None:
 def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Factors:
     """Pack the corpus (once) and fit the curvature factors of the model's tracked layers."""
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     model, tokenizer = load_model(config)
     layers = select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before work
     check_exact_size(layers, config.factors)
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / FACTORS
     if path.exists() and not overwrite:
@@ -188,6 +244,7 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                                 every_seconds=config.fit.checkpoint_seconds)
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
+    factors.meta = dict(factors.meta, corpus=corpus_facts(corpus))  # what the factors were fitted on
     if distributed.is_main():
         factors.save(path, overwrite=overwrite)
     distributed.barrier()
@@ -195,7 +252,7 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         checkpoint.clear()
     record_stage(config, "fit", {"fingerprint": factors.fingerprint, "tokenizer_id": corpus.tokenizer_id,
                                  "corpus_id": corpus.corpus_id, "layers": factors.layer_names,
-                                 "num_sequences": len(corpus)})
+                                 "num_sequences": len(corpus)}, corpus=corpus)
     distributed.print0(f"factors written to {path} ({time.time() - started:.0f} s)")
     return factors
 
@@ -219,7 +276,9 @@ def _differences(existing: Factors, model, layers, config: RunConfig, corpus: Pa
 def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
     """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     tokenizer = load_tokenizer(config.model.path)
+    check_corpus_length(config, model_context(config.model.path))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / INDEX
     if path.exists() and not overwrite:
@@ -241,7 +300,7 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
         built.save(path, overwrite=overwrite)
         print(f"index of {len(corpus)} sequences written to {path} ({time.time() - started:.1f} s)")
     distributed.barrier()
-    record_stage(config, "index", {"tokenizer_id": corpus.tokenizer_id, "corpus_id": corpus.corpus_id})
+    record_stage(config, "index", {"tokenizer_id": corpus.tokenizer_id, "corpus_id": corpus.corpus_id}, corpus=corpus)
     return built if built is not None else ShortlistIndex.load(path)
 
 
@@ -253,6 +312,7 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     """
     run = Path(config.run)
     check_writable(run)
+    read_run_manifest(run)  # a damaged manifest is found now, not after the work
     require(run / FACTORS, "fit the factors", "fit")
     if queries is None:
         if not config.queries.file:
@@ -270,11 +330,12 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     factors = Factors.load(run / FACTORS)
     if config.query.candidates == "shortlist":
         index_ = ShortlistIndex.load(run / INDEX, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
+    note_factors_corpus(factors, corpus, config)
     distributed.print0(f"answering {len(queries)} queries over {len(corpus)} training sequences "
                        f"({config.query.candidates}{', k=' + str(config.query.shortlist_k) if index_ else ''})")
     results = query_influence(model, tokenizer, factors, corpus, queries, config.query, index=index_, out=out,
                               overwrite=overwrite, show_progress=show_progress)
-    record_stage(config, "query", {})
+    record_stage(config, "query", {}, corpus=corpus)
     if distributed.is_main():
         print_summary(results.records)
         print(f"results in {out}/ (topk.jsonl, scores.f32)")
@@ -302,6 +363,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     """Audit the corpus: s(n) of every training sequence, its extremes and near-duplicate groups, in <run>/self_influence/."""
     run, section = Path(config.run), config.self_influence
     check_writable(run)
+    read_run_manifest(run)  # a damaged manifest is found now, not after the work
     require(run / FACTORS, "fit the factors", "fit")
     out = run / SELF_INFLUENCE
     if out.exists() and not overwrite:
@@ -309,6 +371,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     model, tokenizer = load_model(config)
     factors = Factors.load(run / FACTORS)
     check_factors_match(factors, model)  # FactorMismatchError before any pass
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, show_progress=show_progress)
     key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
            "batch_size": section.batch_size, "compute_dtype": section.compute_dtype}
@@ -368,10 +431,12 @@ def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool 
     if distributed.world() > 1:
         raise ConfigError("evaluate runs on one process: run it without accelerate launch / torchrun")
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     variants = variants_from_config(config.evaluate.variants, config.factors)
     queries = read_queries(config.queries.file) if config.queries.file else []
     model, tokenizer = load_model(config)
     select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before any training
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     print(f"evaluating {', '.join(v.name for v in variants)} on {len(corpus)} sequences: "
           f"{' and '.join(config.evaluate.measurements)}")
