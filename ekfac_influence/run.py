@@ -15,6 +15,7 @@ without `overwrite`. Under `accelerate launch` every process runs the stage; the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -43,7 +44,7 @@ from .report_data import read_manifest, read_records
 from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
-from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .storage import PassCheckpoint, StorageError, atomic_write_text, stage_lock
 from .variants import variants_from_config
 from .version import __version__
 
@@ -100,9 +101,10 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
         distributed.print0(f"packing {len(dataset)} documents of {config.corpus.path} into sequences of "
                            f"{config.corpus.length} tokens")
         try:
-            pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
-                         separate_documents=config.corpus.separate_documents, show_progress=show_progress,
-                         total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
+            with stage_lock(config.run, CORPUS, command="packing the corpus"):  # fit and index may both pack it
+                pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
+                             separate_documents=config.corpus.separate_documents, show_progress=show_progress,
+                             total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
         except UndecodableText as error:
             raise DataError(locate_corpus_problem(config.corpus.path) or f"corpus {config.corpus.path}: {error}") from None
         except DataError as error:
@@ -214,9 +216,28 @@ def require(path: Path, what: str, command: str) -> None:
         raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command}, with this run's config)")
 
 
+def one_writer(stage: str):
+    """Run the decorated stage holding the run directory's lock for `stage` (storage.stage_lock), on the main process.
+
+    A second writer of the same stage in the same run directory is refused in one line naming the
+    holder; readers (export, show) take no lock. `query` locks its query set (query.<name>).
+    """
+    def wrap(function):
+        @functools.wraps(function)
+        def locked(config: RunConfig, *args, **kwargs):
+            if not distributed.is_main():
+                return function(config, *args, **kwargs)
+            name = f"{stage}.{config.queries.name}" if stage == "query" else stage
+            with stage_lock(config.run, name, command=f"ekfac-influence {stage.replace('_', '-')}"):
+                return function(config, *args, **kwargs)
+        return locked
+    return wrap
+
+
 # ----------------------------------------------------------------------------- stages
 
 
+@one_writer("fit")
 def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Factors:
     """Pack the corpus (once) and fit the curvature factors of the model's tracked layers."""
     check_writable(config.run)
@@ -273,6 +294,7 @@ def _differences(existing: Factors, model, layers, config: RunConfig, corpus: Pa
     return found
 
 
+@one_writer("index")
 def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
     """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
     check_writable(config.run)
@@ -304,6 +326,7 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
     return built if built is not None else ShortlistIndex.load(path)
 
 
+@one_writer("query")
 def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True,
           report: bool = False):
     """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/.
@@ -359,6 +382,7 @@ def export(config: RunConfig, *, overwrite: bool = False) -> dict:
     return written
 
 
+@one_writer("self_influence")
 def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Audit the corpus: s(n) of every training sequence, its extremes and near-duplicate groups, in <run>/self_influence/."""
     run, section = Path(config.run), config.self_influence
@@ -422,6 +446,7 @@ def _subset_loader(corpus: PackedCorpus, ids, batch_size: int):
     return training_batches(corpus, batch_size, indices=ids)
 
 
+@one_writer("evaluate")
 def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
     """LDS against retrained models and planted-fact recall, per variant; the table in <run>/evaluation/.
 
