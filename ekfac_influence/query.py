@@ -34,6 +34,7 @@ from .config import QueryConfig, to_dict
 from .data import DataError, EncodedQuery, PackedCorpus, Query, collate_query_rows, encode_query, query_rows
 from .data import pad_token_id, tokenizer_id
 from .factors import Factors, check_factors_match
+from .files import allocate_file, ensure_space
 from .model import context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import device_of, evaluation_mode
@@ -97,6 +98,10 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
                "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
                "queries": _digest([item.rows() for item in encoded]),
                "candidates": None if candidates is None else _digest([np.asarray(c).tolist() for c in candidates])}
+        if out is not None and distributed.is_main():  # the scores file, before anything is written
+            kept = out.parent / f".{out.name}.partial" / SCORES_FILE  # a resumed scan's file is there already
+            ensure_space(out.parent, 4 * len(encoded) * len(corpus) - (kept.stat().st_size if kept.exists() else 0),
+                         f"the scores file of {len(encoded)} queries × {len(corpus)} sequences")
         tmp = _work_directory(out, key)
         checkpoint = None if tmp is None else PassCheckpoint(tmp, key, every_batches=config.checkpoint_batches,
                                                               every_seconds=config.checkpoint_seconds)
@@ -308,7 +313,8 @@ def _scores_file(tmp: Path | None, Q: int, N: int) -> np.ndarray:
         return np.full((Q, N), np.nan, dtype=np.float32)
     path = tmp / SCORES_FILE
     if distributed.is_main() and not (path.exists() and path.stat().st_size == 4 * Q * N):
-        scores = np.memmap(path, dtype=np.float32, mode="w+", shape=(Q, N))
+        allocate_file(path, 4 * Q * N, f"the scores file of {Q} queries × {N} sequences")  # no SIGBUS on a full disk
+        scores = np.memmap(path, dtype=np.float32, mode="r+", shape=(Q, N))
         scores[:] = np.nan
         scores.flush()
     distributed.barrier()  # the file exists before the others open it

@@ -35,6 +35,7 @@ from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, data
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
+from .files import ensure_space
 from .fit import check_exact_size, fit_factors
 from .model import context_length, fingerprint, load_causal_lm, load_tokenizer, model_context, select_layers
 from .objectives import CausalLMObjective
@@ -267,6 +268,8 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
     factors.meta = dict(factors.meta, corpus=corpus_facts(corpus))  # what the factors were fitted on
     if distributed.is_main():
+        tensors = [t for layer in factors.layers for t in layer.tensors().values()] + [factors.ggn_PP]
+        ensure_space(path.parent, sum(t.numel() * t.element_size() for t in tensors if t is not None), "writing the factors")
         factors.save(path, overwrite=overwrite)
     distributed.barrier()
     if distributed.is_main():

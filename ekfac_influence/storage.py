@@ -115,21 +115,20 @@ def stage_lock(directory, stage: str, *, command: str | None = None):
                 os.close(fd)
                 fd = None
         holder = _lock_holder(path)
-        if holder.get("pid") not in (None, pid):
-            if holder.get("host") != host:
-                raise StorageError(f"{path} names a writer on another host ({_describe_holder(holder)}) that this "
-                                   f"host cannot check; if it is no longer running, remove {path} and rerun")
-            distributed.print0(f"note: took over the stale lock {path} of pid {holder['pid']} (no such process "
-                               f"on {host}; started {holder.get('since', '?')})")
-        record = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "command": command or stage}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        os.fsync(fd)
+        if holder.get("pid") not in (None, pid) and holder.get("host") != host:
+            raise StorageError(f"{path} names a writer on another host ({_describe_holder(holder)}) that this "
+                               f"host cannot check; if it is no longer running, remove {path} and rerun")
         try:
+            if holder.get("pid") not in (None, pid):
+                distributed.print0(f"note: took over the stale lock {path} of pid {holder['pid']} (no such process "
+                                   f"on {host}; started {holder.get('since', '?')})")
+            record = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "command": command or stage}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)  # a full disk fails here, before the stage: the lock goes with it
+            os.fsync(fd)
             yield path
         finally:
-            os.ftruncate(fd, 0)
             path.unlink(missing_ok=True)  # while still holding it: a waiting writer sees the new inode (above)
     finally:
         if fd is not None:

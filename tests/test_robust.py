@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -198,3 +199,73 @@ def test_factors_of_another_packing_are_used_with_a_note_and_delta_logp_divides_
     stages = json.loads((root / RUN / "manifest.json").read_text())["stages"]
     assert stages["fit"]["corpus"]["corpus_id"] == fitted_on["corpus_id"]
     assert stages["index"]["corpus"]["corpus_id"] == stages["query"]["corpus"]["corpus_id"] == corpus["corpus_id"]
+
+
+# ----------------------------------------------------------------------------- full disks, for real
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs at tmp_path/disk (root in a container that may mount), else the test is skipped."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (run the tests as root to check a really full disk)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take all but about `leave` bytes of the disk's free space."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as handle:
+        handle.write(b"\0" * max(free - leave, 0))
+
+
+def test_a_really_full_disk_while_packing_ends_in_one_line_and_leaves_no_partial_files(project, small_disk, tmp_path,
+                                                                                        capsys):
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    fill(small_disk, leave=8192)  # the packed corpus's tokens alone take 11 KiB
+    before = snapshot(small_disk)
+    capsys.readouterr()
+    assert run_main(root, "fit", "--config", "run.yaml", "--quiet", "--run", str(small_disk / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and str(small_disk) in err[0], err
+    assert "free" in err[0] and "free some space or choose another --run" in err[0], err[0]
+    assert snapshot(small_disk) == before  # no run directory, no temporary directory, no lock
+
+
+def test_a_disk_too_small_for_the_scores_is_refused_before_the_query_writes_anything(fitted, small_disk, tmp_path,
+                                                                                        capsys):
+    root = tmp_path / "project"
+    shutil.copytree(fitted, root)
+    run = small_disk / "run"
+    shutil.copytree(root / RUN, run)  # fitted on the big disk, answered on the small one
+    assert run_main(root, "index", "--config", "run.yaml", "--quiet", "--run", str(run)) == 0
+    fill(small_disk, leave=4096)  # one page: the lock file's
+    before = snapshot(small_disk)
+    capsys.readouterr()
+    assert run_main(root, "query", "--config", "run.yaml", "--quiet", "--run", str(run)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"No space left on device: the scores file of 2 queries × \d+ sequences needs "
+                                       r"[\d.]+ \w+, 0 B free", err[0]), err
+    assert snapshot(small_disk) == before
+
+
+def test_a_scores_file_is_allocated_for_real_so_a_full_disk_fails_at_once_not_with_sigbus(small_disk):
+    from ekfac_influence.files import allocate_file
+
+    fill(small_disk, leave=64 * 1024)
+    with pytest.raises(OSError) as raised:
+        allocate_file(small_disk / "scores.f32", 1 << 20, "the scores file")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(small_disk / "scores.f32")
+    assert "the scores file needs 1.0 MiB" in raised.value.strerror
+    assert not (small_disk / "scores.f32").exists()
+    allocate_file(small_disk / "small.f32", 16 * 1024)
+    assert os.stat(small_disk / "small.f32").st_blocks * 512 >= 16 * 1024  # allocated, not sparse

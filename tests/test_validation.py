@@ -193,16 +193,23 @@ def disk_full_writing_factors(root: Path, monkeypatch) -> None:
     monkeypatch.setattr(storage, "save_file", save_file)
 
 
-def disk_full_in_memmap(root: Path, monkeypatch) -> None:
-    import numpy as np
+def disk_full_allocating_scores(root: Path, monkeypatch) -> None:
+    """The scores file's blocks cannot be allocated (as posix_fallocate fails on a full disk), though the free
+    space looked sufficient a moment before (another writer took it)."""
+    def posix_fallocate(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate)
 
-    real = np.memmap
 
-    def memmap(filename, *args, mode="r+", **kwargs):
-        if mode == "w+":
-            raise OSError(28, "No space left on device")
-        return real(filename, *args, mode=mode, **kwargs)
-    monkeypatch.setattr(np, "memmap", memmap)
+def disk_too_small(free: int):
+    """The file system reports `free` bytes free: a big write must be refused before it starts."""
+    def setup(root: Path, monkeypatch) -> None:
+        real = shutil.disk_usage
+
+        def disk_usage(path):
+            return real(path)._replace(free=free)
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    return setup
 
 
 def read_only_run_directory(root: Path, monkeypatch) -> None:
@@ -509,9 +516,18 @@ CASES = [
     Case("disk_full_writing_factors", ("fit", "--overwrite", "--factors.strategy", "kfac"),
          rf"No space left on device.*{RUN}.*free", state="fitted", setup=disk_full_writing_factors,
          may_create=(f"{RUN}/factors.partial",), why="the fit's checkpoint is kept on purpose: the rerun resumes it"),
-    Case("disk_full_writing_scores", ("query", "--queries.name", "second"), rf"No space left on device.*{RUN}.*free",
-         state="queried", setup=disk_full_in_memmap, may_create=(f"{RUN}/queries/.second.partial",),
+    Case("disk_full_writing_scores", ("query", "--queries.name", "second"),
+         rf"No space left on device: the scores file of 2 queries × \d+ sequences needs [\d.]+ \w+, [\d.]+ \w+ free "
+         rf"\({RUN}/queries/\.second\.partial/scores\.f32\); free some space",
+         state="queried", setup=disk_full_allocating_scores, may_create=(f"{RUN}/queries/.second.partial",),
          why="the partial query set is kept on purpose: the rerun after freeing space resumes it"),
+    Case("disk_too_small_for_scores", ("query", "--queries.name", "second"),
+         rf"No space left on device: the scores file of 2 queries × \d+ sequences needs [\d.]+ \w+, 100 B free "
+         rf"\({RUN}/queries\); free some space", state="queried", setup=disk_too_small(100)),
+    Case("disk_too_small_for_factors", ("fit", "--overwrite", "--factors.strategy", "kfac"),
+         rf"No space left on device: writing the factors needs [\d.]+ KiB, 100 B free \({RUN}\)", state="fitted",
+         setup=disk_too_small(100), may_create=(f"{RUN}/factors.partial",),
+         why="the fit's checkpoint is kept on purpose: the rerun resumes it"),
     Case("read_only_run_directory", ("fit", "--overwrite", "--factors.strategy", "kfac"),
          rf"Permission denied.*{RUN}.*writable", state="fitted", setup=read_only_run_directory),
     Case("interrupted_fit", ("fit", "--overwrite", "--factors.strategy", "kfac"),
