@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.add_argument("--overwrite", action="store_true", help="replace this stage's finished results")
             sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "fit":
+            sub.add_argument("--dry-run", action="store_true", help="print the bytes per process of the model, factors "
+                             "and buffers (the model built on the meta device), fit nothing")
+            sub.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: processes (default: this launch's)")
+            sub.add_argument("--device-memory", metavar="SIZE", help="with --dry-run: say whether it fits, e.g. 80GB")
         if name == "query":
             sub.add_argument("--prompt", help="one query's prompt (instead of queries.file); its report is written too")
             sub.add_argument("--completion", help="its completion; omitted = the model's greedy completion")
@@ -147,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             datasets.disable_progress_bars()
         from . import run
 
-        if args.command == "fit":
+        if args.command == "fit" and not args.dry_run and (args.world_size or args.device_memory):
+            raise ConfigError("--world-size and --device-memory go with --dry-run")
+        if args.command == "fit" and args.dry_run:
+            from .plan import parse_bytes
+
+            run.fit_dry_run(config, world=args.world_size,
+                            device_memory=None if args.device_memory is None else parse_bytes(args.device_memory))
+        elif args.command == "fit":
             run.fit(config, overwrite=args.overwrite, show_progress=show)
         elif args.command == "index":
             run.index(config, overwrite=args.overwrite, show_progress=show)

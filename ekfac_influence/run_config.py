@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import (CANDIDATES, CORRECTION_ORDERS, DTYPES, INITS, NORMALIZATIONS, STRATEGIES, ConfigError,
+from .config import (CANDIDATES, CORRECTION_ORDERS, DTYPES, INITS, NORMALIZATIONS, SHARDINGS, STRATEGIES, ConfigError,
                      EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require, did_you_mean, from_dict,
                      to_dict)
 from .files import NotTextError, read_utf8
@@ -161,6 +161,7 @@ class ExportConfig:
 
 CHOICES = {  # (section, field) -> the values it accepts: the CLI shows them as {a,b,...}
     ("factors", "strategy"): STRATEGIES, ("factors", "factor_dtype"): DTYPES, ("factors", "correction_order"): CORRECTION_ORDERS,
+    ("factors", "accumulate_dtype"): DTYPES, ("factors", "shard"): SHARDINGS,
     ("query", "compute_dtype"): DTYPES, ("query", "candidates"): CANDIDATES, ("query", "normalize"): NORMALIZATIONS,
     ("self_influence", "compute_dtype"): DTYPES, ("evaluate", "init"): INITS, ("model", "dtype"): MODEL_DTYPES,
     ("index", "weighting"): WEIGHTINGS,

@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file as _save_file
 
 from . import distributed
 from .files import atomic_write_text, file_mode, temporary_directory
 
-__all__ = ["StorageError", "atomic_write_text", "PassCheckpoint", "read_stage", "replace_directory", "sha256_file",
-           "staged_directory", "write_stage"]
+__all__ = ["StorageError", "atomic_write_text", "PassCheckpoint", "read_manifest", "read_shard_files", "read_stage",
+           "replace_directory", "sha256_file", "shard_file", "staged_directory", "write_sharded_stage", "write_stage"]
 
 FACTORS_FILE = "factors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -170,21 +171,90 @@ def write_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overw
 
 def read_stage(path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
-    manifest_path, tensor_path = path / MANIFEST_FILE, path / FACTORS_FILE
-    for required in (manifest_path, tensor_path):
-        if not required.exists():
-            raise StorageError(f"{required} is missing; is {path} a finished factors directory?")
+    manifest = read_manifest(path)
+    return read_shard_files(path, manifest, [FACTORS_FILE]), manifest
+
+
+def read_manifest(path) -> dict:
+    """The manifest of a finished stage directory (one tensor file, or one per shard)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise StorageError(f"{manifest_path} is missing; is {path} a finished factors directory?")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        return json.loads(manifest_path.read_text())
     except json.JSONDecodeError as error:
         raise StorageError(f"{manifest_path} is not valid JSON ({error}); the file is corrupted") from None
-    expected = manifest.get("checksums", {}).get(FACTORS_FILE)
-    if expected is None:
-        raise StorageError(f"{manifest_path} has no checksum for {FACTORS_FILE}; the manifest is incomplete or corrupted")
-    if sha256_file(tensor_path) != expected:
-        raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted: "
-                           f"compute it again (e.g. ekfac-influence fit --overwrite)")
-    return load_file(str(tensor_path)), manifest
+
+
+def read_shard_files(path, manifest: dict, files: list[str], keep=None) -> dict[str, torch.Tensor]:
+    """The tensors of `files` in the stage directory `path`, each checked against the manifest's checksum.
+
+    keep: a predicate on tensor names; only those tensors are read into memory (the checksum still
+    covers the whole file, read in chunks).
+    """
+    path, tensors = Path(path), {}
+    for name in files:
+        tensor_path = path / name
+        if not tensor_path.exists():
+            raise StorageError(f"{tensor_path} is missing; is {path} a finished factors directory? (a sharded "
+                               f"directory needs every file its manifest lists)")
+        expected = manifest.get("checksums", {}).get(name)
+        if expected is None:
+            raise StorageError(f"{path / MANIFEST_FILE} has no checksum for {name}; the manifest is incomplete or corrupted")
+        if sha256_file(tensor_path) != expected:
+            raise StorageError(f"{tensor_path} does not match the checksum in its manifest; the file is corrupted: "
+                               f"compute it again (e.g. ekfac-influence fit --overwrite)")
+        if keep is None:
+            tensors.update(load_file(str(tensor_path)))
+            continue
+        with safe_open(str(tensor_path), framework="pt") as handle:
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys() if keep(key)})
+    return tensors
+
+
+def shard_file(rank: int, world: int) -> str:
+    """The tensor file of process `rank`'s shard: factors.00001-of-00004.safetensors."""
+    return f"factors.{rank:05d}-of-{world:05d}.safetensors"
+
+
+def write_sharded_stage(path, tensors: dict[str, torch.Tensor], manifest: dict, *, overwrite: bool) -> None:
+    """Every process writes its own `tensors` as one shard (`shard_file`); the main process adds `manifest`
+    (with the number of shards, "shards", and every shard's checksum, "checksums") and renames the
+    directory into place. Collective: every
+    process calls it; a failure on any process (a full disk) is raised on all, and nothing is left.
+    """
+    path, rank, world = Path(path), distributed.rank(), distributed.world()
+    status = None
+    if rank == 0:
+        if path.exists() and not overwrite:
+            status = ("error", f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            status = ("ok", str(temporary_directory(path.parent, path.name)))
+    kind, value = distributed.broadcast_object(status)
+    if kind == "error":
+        raise StorageError(value)
+    tmp, name = Path(value), shard_file(rank, world)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        local = (name, sha256_file(tmp / name), None)
+    except OSError as error:
+        local = (name, None, f"{error.strerror or error} ({tmp / name})")
+    written = distributed.gather_by_key({rank: local})
+    failed = [message for _, _, message in written.values() if message is not None]
+    try:
+        if failed:
+            raise OSError(f"writing a shard failed: {failed[0]}")
+        if rank == 0:
+            checksums = {file: digest for file, digest, _ in written.values()}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(dict(manifest, shards=world, checksums=checksums), indent=2,
+                                                        sort_keys=True))
+            replace_directory(tmp, path)
+    finally:
+        distributed.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PassCheckpoint:

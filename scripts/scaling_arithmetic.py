@@ -1,6 +1,8 @@
 """The paper-scale arithmetic of docs/scaling.md: EK-FAC factors of a 52B dense decoder, on paper.
 
     python scripts/scaling_arithmetic.py            # prints the markdown tables of docs/scaling.md
+    python scripts/scaling_arithmetic.py --dry-run  # only the last: `fit --dry-run`'s plan (ekfac_influence.plan)
+                                                    # of a Llama-7B-like and the 52B model built on the meta device
 
 Assumptions (each stated again beside its table in docs/scaling.md):
 - the model: 64 blocks, d_model 8192, MLP width 32768 (4 × d_model), 64 × 12 × 8192² ≈ 51.5B parameters;
@@ -187,7 +189,59 @@ def replicated_summary() -> None:
                  "kept Q_A + Q_S + Λ, GiB f32"], rows))
 
 
+def meta_models() -> dict:
+    """The two models of the dry-run table, built from configs on the meta device (no weights, no download)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                             num_attention_heads=32, vocab_size=32000, dtype=torch.bfloat16))
+        # the 52B setting as a GPT-2-shaped decoder: fc_in/fc_out = c_fc/c_proj (with biases: I + 1)
+        dense = GPT2LMHeadModel(GPT2Config(n_embd=D_MODEL, n_layer=BLOCKS, n_head=64, n_inner=D_MLP, n_positions=SEQ,
+                                           vocab_size=65536, dtype=torch.bfloat16))
+    return {"Llama-7B-like (bf16, 96 MLP linears)": (llama, 1), f"52B ({BLOCKS} blocks, bf16, {NUM_LINEARS} MLP linears, b = 2)": (dense, 2)}
+
+
+def dry_run_table() -> None:
+    """`ekfac-influence fit --dry-run`'s figures (ekfac_influence.plan.plan_fit), GiB per GPU, the busiest one."""
+    from ekfac_influence.config import FactorConfig
+    from ekfac_influence.model import select_layers
+    from ekfac_influence.plan import STEPS, layer_groups, plan_fit
+
+    device = 80 * GiB
+    rows = []
+    for name, (model, blocks) in meta_models().items():
+        layers = select_layers(model, None)
+        for G in (8, 64):
+            for shard, accumulate, budget in (("none", "float64", None), ("auto", "float64", None),
+                                              ("auto", "float32", None), ("auto", "float32", 64)):
+                config = FactorConfig(shard=shard, accumulate_dtype=accumulate, blocks=blocks, block_min_dim=D_MLP,
+                                      memory_budget_gb=budget)
+                plan = plan_fit(model, layers, config, G, model_dtype="bfloat16", batch_size=1, length=SEQ, fsdp=True)
+                if blocks == 2:
+                    paper = gib(per_gpu(2, G, "stored") if shard == "auto" else
+                                BLOCKS * sum(sum(linear_elements(O, I, 2)[k] for k in ("Q_A", "Q_S", "Λ"))
+                                             for _, O, I in LINEARS), "float32")
+                else:
+                    paper = "—"
+                groups = "" if budget is None else f", {len(layer_groups(layers, budget, config))} groups ({budget} GiB)"
+                rows.append([name, G, shard + groups, accumulate] + [f"{plan.steps[s] / GiB:,.1f}" for s in STEPS]
+                            + [f"{plan.stored_bytes / GiB:,.1f}", paper, f"{plan.peak / GiB:,.1f}",
+                               "yes" if plan.fits(device) else "no"])
+    print("ekfac, model weights sharded with FSDP, batches of 1 × 2048 tokens, factors stored in float32; GiB per GPU "
+          "(the busiest); peak = weights + one batch of ā, g + a 256 MiB bucket + the largest factor step; with groups of "
+          "layers a step is the largest group's, and the kept factors of the groups done wait in host memory\n")
+    print(table(["model", "GPUs", "shard (memory_budget_gb)", "accumulate"] + list(STEPS)
+                + ["kept after the fit (A, S, Q, Λ f32)", "on paper: kept Q_A + Q_S + Λ f32", "peak", "fits 80 GiB"], rows))
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--dry-run" in sys.argv:
+        dry_run_table()
+        raise SystemExit(0)
     params = BLOCKS * 12 * D_MODEL**2
     print(f"model: {BLOCKS} × 12 × {D_MODEL}² = {params / 1e9:.1f}B parameters; tracked linears: {NUM_LINEARS}\n")
     print("## factor memory per linear (b = 1)\n")
@@ -206,3 +260,5 @@ if __name__ == "__main__":
     scoring_table()
     print("\n## replicated on every process today\n")
     replicated_summary()
+    print("\n## fit --dry-run: bytes per GPU, replicated or sharded by layer\n")
+    dry_run_table()

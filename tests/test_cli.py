@@ -219,3 +219,25 @@ def test_a_hugging_face_id_in_the_local_cache_loads_offline(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0] == f"LlamaForCausalLM {len(tokenizer)}"
     assert "model someorg/not-cached does not exist: not a local path, nor a Hugging Face id in the local cache" in lines[1]
+
+
+def test_a_hugging_face_dataset_id_in_the_local_cache_loads_offline(tmp_path):
+    """corpus.path = org/name reads the cached snapshot (datasets--org--name), its splits named by its files."""
+    snapshot = tmp_path / "hf" / "hub" / "datasets--someorg--notes" / "snapshots" / ("cd" * 20)
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot / "data" / "train.jsonl").write_text('{"text": "first note"}\n{"text": "second note"}\n')
+    (snapshot / "data" / "test.jsonl").write_text('{"text": "held-out note"}\n')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("cd" * 20)
+    code = ("import ekfac_influence as ei\nfrom ekfac_influence.data import corpus_source\n"
+            "print(list(ei.load_corpus('someorg/notes')['text']))\n"
+            "print(list(ei.load_corpus('someorg/notes', split='test')['text']))\n"
+            "print(corpus_source('someorg/notes')['sha256'] == corpus_source(" + repr(str(snapshot)) + ")['sha256'])\n"
+            "try:\n    ei.load_corpus('someorg/not-cached')\nexcept ei.DataError as error:\n    print(error)\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["['first note', 'second note']", "['held-out note']", "True"]
+    assert "corpus someorg/not-cached does not exist: not a local path, nor a Hugging Face dataset id" in lines[3]

@@ -174,3 +174,62 @@ def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_pr
     first, second = (load_file(str(project / r / "factors" / "factors.safetensors")) for r in ("runs/reference", run))
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_a_sharded_two_process_fit_killed_in_its_correction_pass_resumes_to_the_factors_and_scores_of_one_process(project):
+    """factors.shard: auto under torchrun (gloo, 2 processes): SIGKILL to the process group during the
+    correction pass (each process has saved the covariances it owns); the rerun resumes, writes one
+    shard per process, and the factors, loaded whole, and a 2-process query over them equal the
+    1-process run's."""
+    import numpy as np
+
+    from ekfac_influence import Factors
+
+    run = "runs/killed-sharded"
+    config = yaml.safe_load((project / "run.yaml").read_text())
+    config = dict(config, run=run, factors=dict(config["factors"], shard="auto"))
+    (project / "sharded.yaml").write_text(yaml.safe_dump(config))
+
+    def launch(stage: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
+                "ekfac_influence", stage, "--config", "sharded.yaml", "--quiet"]
+
+    process = subprocess.Popen(niced(launch("fit")), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    progress = project / run / "factors.partial" / "correction.rank1.json"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail("the sharded fit ended before it could be killed")
+        try:
+            reached = json.loads(progress.read_text())["next_batch"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            reached = 0
+        if reached >= 4:
+            for pid in [process.pid, *descendants(process.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait()
+            time.sleep(0.5)
+            break
+        time.sleep(0.002)
+    else:
+        pytest.fail("the sharded fit never reached batch 4 of its correction pass")
+    assert not (project / run / "factors").exists()
+    saved = {f.name for f in (project / run / "factors.partial").glob("*.json")}
+    assert {"covariances.owned.rank0.json", "covariances.owned.rank1.json"} <= saved, saved
+    resumed = subprocess.run(launch("fit"), cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the correction pass at batch" in resumed.stdout
+    assert sorted(p.name for p in (project / run / "factors").iterdir()) == [
+        "factors.00000-of-00002.safetensors", "factors.00001-of-00002.safetensors", "manifest.json"]
+    reference, sharded = Factors.load(project / "runs/reference/factors"), Factors.load(project / run / "factors")
+    for a, b in zip(reference.layers, sharded.layers):
+        for key in ("A_II", "S_OO", "eigA_I", "eigS_O", "lambda_OI"):
+            torch.testing.assert_close(getattr(b, key), getattr(a, key), rtol=1e-9, atol=1e-12, msg=f"{a.name}/{key}")
+    queried = subprocess.run(launch("query"), cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert queried.returncode == 0, queried.stderr[-3000:]
+    np.testing.assert_allclose(np.fromfile(project / run / "queries/q/scores.f32", dtype=np.float32),
+                               np.fromfile(project / "runs/reference/queries/q/scores.f32", dtype=np.float32),
+                               rtol=1e-5, atol=1e-6)
