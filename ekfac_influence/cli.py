@@ -186,9 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as error:  # a full or read-only disk, a path under a file
         if distributed.is_main():
+            import errno
+
             where = error.filename or (config.run if config is not None else "the run directory")
-            advice = {28: "free some space or choose another --run", 30: "choose a writable --run",
-                      13: "choose a writable --run", 20: "a part of the path is a file: choose another --run"}
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full and "free" not in str(error.strerror):  # a write that failed midway: say what is left
+                from .files import free_space, size_text
+
+                where = f"{where}; {size_text(free_space(where))} free"
+            advice = {errno.ENOSPC: "free some space or choose another --run", errno.EROFS: "choose a writable --run",
+                      errno.EDQUOT: "free some space within your quota or choose another --run",
+                      errno.EACCES: "choose a writable --run", errno.ENOTDIR: "a part of the path is a file: choose "
+                                                                             "another --run"}
             print(f"ekfac-influence {args.command}: error: {error.strerror or error} ({where}); "
                   f"{advice.get(error.errno, 'check the path and the disk, or choose another --run')}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ dict conversion every manifest uses. The run directory's other sections and the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "lissa", "exact")
@@ -111,6 +112,9 @@ class FactorConfig:
         _require(self.strategy in STRATEGIES, "strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         _require(self.damping_factor > 0, "damping_factor", f"must be > 0, got {self.damping_factor}")
         _require(self.damping is None or self.damping > 0, "damping", f"must be > 0, got {self.damping}")
+        for name in ("damping_factor", "damping"):  # an infinite λ divides every score to zero
+            value = getattr(self, name)
+            _require(value is None or math.isfinite(value), name, f"must be a finite number, got {value}")
         _require(self.factor_dtype in DTYPES, "factor_dtype", f"{self.factor_dtype!r} is not one of {DTYPES}")
         _require(self.accumulate_dtype in DTYPES, "accumulate_dtype", f"{self.accumulate_dtype!r} is not one of {DTYPES}")
         _require(self.shard in SHARDINGS, "shard", f"{self.shard!r} is not one of {SHARDINGS}")
@@ -235,7 +239,8 @@ class QueryConfig:
 
     train_size: int | None = None
     """N in delta_logp = score / N: the number of sequences the model was trained on. None = the
-    sequences the factors were fitted on (set it when the factors were fitted on a sample)."""
+    sequences of the corpus scored (set it when that corpus is a sample of the training set; factors
+    fitted on a sample or another packing do not change N)."""
 
     checkpoint_seconds: float = 300.0
     """Save the scan's progress this often, so that a killed query resumes (0 = after every batch)."""
@@ -500,6 +505,8 @@ def _checked_type(field: dataclasses.Field, value):
         if part == "int" and isinstance(value, int) and not isinstance(value, bool):
             return value
         if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML's .inf / .nan: legal floats that make every result wrong
+                raise ConfigError(f"{field.name}: must be a finite number, got {value}")
             return float(value)
         if part == "str" and isinstance(value, str):
             return value

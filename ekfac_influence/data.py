@@ -11,8 +11,11 @@ the dataset row, the token span inside the sequence and the character span insid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .files import NotTextError, read_utf8
 from .model import HUB_ID, cached_hub_snapshot, hub_cache_directory
 from .storage import sha256_file, staged_directory
 
@@ -76,7 +80,15 @@ def load_corpus(path, *, text_column: str = "text", split: str = "train"):
         if None in kinds or len(kinds) > 1:
             raise DataError(f"corpus files must share one of the formats {', '.join(FORMATS)}; got "
                             f"{', '.join(sorted({p.suffix or '(no suffix)' for p in files}))}")
-        dataset = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        kind = kinds.pop()
+        try:
+            with _quiet_logger("datasets"):  # its own error lines would come before ours
+                dataset = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
+        except Exception as error:  # noqa: BLE001 - a file datasets cannot read: find the line, or say what it said
+            problem = _locate_problem(files, kind)
+            cause = error.__cause__ or error.__context__ or error
+            raise DataError(problem or f"cannot read corpus {path} as {kind}: "
+                                       f"{' '.join(str(cause).split())[:300]}") from None
     return _checked(dataset, path, text_column)
 
 
@@ -87,6 +99,47 @@ def _checked(dataset, path, text_column: str):
     if len(dataset) == 0:
         raise DataError(f"corpus {path} is empty")
     return dataset
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)  # its modules' loggers inherit its level
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _locate_problem(files: list[Path], kind: str) -> str | None:
+    """The first line of the corpus files that cannot be read as `kind`, in words (file, line, byte offset).
+
+    Run only after datasets failed, so a good corpus is read once; streams line by line (no file in memory).
+    """
+    for file in files:
+        if kind == "parquet":
+            continue
+        rows, offset = 0, 0
+        with open(file, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    return (f"corpus {file}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                            f"{offset + error.start}); save the file as UTF-8")
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                rows += 1
+                if kind == "json":
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as error:
+                        return f"corpus {file}:{number}: not valid JSON ({error.msg}); each line must be one JSON object"
+        if kind == "csv" and rows <= 1:
+            return f"corpus {file} has a header but no rows" if rows else f"corpus {file} is empty"
+    return None
 
 
 def cached_dataset(path) -> str | None:
@@ -313,9 +366,30 @@ def dataset_documents(dataset, *, text_column: str = "text", id_column: str | No
     """(id, text) per row of a `datasets.Dataset`; the id is `id_column`'s value or the row number."""
     if id_column is not None and id_column not in dataset.column_names:
         raise DataError(f"corpus has no id column {id_column!r} (columns: {', '.join(dataset.column_names)})")
-    for row, record in enumerate(dataset):
+    records = iter(dataset)
+    for row in itertools.count():
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:  # Arrow keeps a JSON string's bytes as they were; decoding them fails only here
+            raise UndecodableText(f"document {row} holds bytes that are not UTF-8; save the corpus as UTF-8") from None
         text = record[text_column]
         yield (str(record[id_column]) if id_column else str(row)), ("" if text is None else str(text))
+
+
+class UndecodableText(DataError):
+    """A corpus document's bytes are not UTF-8 (found while reading it; `locate_corpus_problem` says where)."""
+
+
+def locate_corpus_problem(path) -> str | None:
+    """The first line of a corpus file (JSONL, text, CSV) that cannot be read, in words; None if none is found."""
+    root = Path(path)
+    if not root.exists():  # pydoc:topics, a Hugging Face id
+        return None
+    files = sorted(p for p in root.iterdir() if p.suffix in FORMATS) if root.is_dir() else [root]
+    kinds = {FORMATS.get(p.suffix) for p in files}
+    return _locate_problem(files, kinds.pop()) if len(kinds) == 1 and None not in kinds else None
 
 
 def _encode_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -380,6 +454,10 @@ class Query:
     id: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("prompt", "completion", "contrast"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):  # JSON's {"prompt": 42}: no text to condition on
+                raise DataError(f"query {self.id or ''}: the {name} must be text (a string), got {value!r}; quote it")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise DataError(f"query {self.id or ''}: the prompt is empty; give the text the model is conditioned on")
         for name in ("completion", "contrast"):
@@ -387,6 +465,9 @@ class Query:
             if value is not None and (not isinstance(value, str) or value == ""):
                 raise DataError(f"query {self.id or ''}: the {name} is empty; give text, or omit it"
                                 + (" to use the model's greedy completion" if name == "completion" else ""))
+        if self.contrast is not None and self.contrast == self.completion:  # f = log p(c) - log p(c) = 0, every score 0
+            raise DataError(f"query {self.id or ''}: the contrast is the completion ({self.contrast!r}); the measurement "
+                            f"would be 0 and every score with it: give another contrast, or omit it")
 
 
 def read_queries(path) -> list[Query]:
@@ -397,7 +478,11 @@ def read_queries(path) -> list[Query]:
     if not path.is_file():
         raise DataError(f"query file {path} is not a file; set queries.file to a JSONL file")
     queries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = read_utf8(path, "query file")
+    except NotTextError as error:
+        raise DataError(str(error)) from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

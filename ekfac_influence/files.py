@@ -9,7 +9,9 @@ Standard library only, so that the torch-free modules (report, shortlist) use it
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,3 +60,68 @@ def atomic_write_text(path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NotTextError(ValueError):
+    """A file meant as UTF-8 text holds other bytes; the message names the file and the byte offset."""
+
+
+def read_utf8(path, what: str = "file") -> str:
+    """The file's text, or one line naming the file and the offset of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise NotTextError(f"{what} {path} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
+                           f"(line {line}); save it as UTF-8") from None
+
+
+def size_text(num_bytes: float) -> str:
+    """1.5 GiB, 12.0 MiB, 512 B: a size as a person reads it."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def free_space(path) -> int:
+    """Bytes free to this user on the file system that holds `path` (or its nearest existing parent)."""
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def ensure_space(path, needed: int, what: str) -> None:
+    """Refuse, before writing anything, a write of `needed` bytes at `path` that the file system cannot hold.
+
+    Raises OSError(ENOSPC) naming the path, what needs the space, how much, and how much is free.
+    """
+    free = free_space(path)
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs {size_text(needed)}, "
+                                    f"{size_text(free)} free", str(path))
+
+
+def allocate_file(path, size: int, what: str = "the file") -> None:
+    """Create `path` with `size` bytes really allocated (posix_fallocate), so that writing it through a memory map
+    cannot die of SIGBUS on a full disk. A file system without fallocate gets a sparse file. On failure nothing is
+    left: the half-made file is removed and the OSError names the path and the size."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, file_mode())
+    try:
+        try:
+            if not hasattr(os, "posix_fallocate"):
+                raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(error.errno, f"{error.strerror}: {what} needs {size_text(size)}, "
+                                           f"{size_text(free_space(path))} free", str(path)) from None
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)

@@ -296,7 +296,54 @@ def resolve_model_path(path) -> tuple:
             import gguf  # noqa: F401
         except ImportError:
             raise ModelLoadError("loading a GGUF file needs the gguf package: pip install gguf") from None
+        check_gguf(directory / extra["gguf_file"])
+    else:
+        for file in sorted(directory.glob("*.safetensors")):
+            check_safetensors(file)
     return directory, extra
+
+
+def check_safetensors(path) -> None:
+    """Refuse a truncated or corrupted .safetensors file in one line, before transformers reads it.
+
+    The format: an 8-byte little-endian header size h, h bytes of JSON {name: {dtype, shape,
+    data_offsets: [begin, end]}}, then the tensor data; the file is exactly 8 + h + max(end) bytes.
+    """
+    import json
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or 8 + header_size > size:
+            raise ModelLoadError(f"model file {path} is truncated ({size} bytes, shorter than its own header); "
+                                 f"copy or save the model again")
+        try:
+            header = json.loads(handle.read(header_size))
+            end = max([entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise ModelLoadError(f"model file {path} has a corrupted header (not safetensors JSON); copy or save the "
+                                 f"model again") from None
+    if 8 + header_size + end != size:
+        raise ModelLoadError(f"model file {path} is truncated or corrupted: its header announces "
+                             f"{8 + header_size + end} bytes, the file holds {size}; copy or save the model again")
+
+
+def check_gguf(path) -> None:
+    """Refuse a file that is not GGUF, or a GGUF whose header or tensor data is cut, in one line."""
+    import gguf
+
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"model file {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        gguf.GGUFReader(str(path))  # memory-mapped: parses the header and checks every tensor's extent
+    except Exception as error:  # noqa: BLE001 - struct.error, IndexError, ValueError: all mean a cut or damaged file
+        raise ModelLoadError(f"model file {path} is truncated or corrupted ({os.path.getsize(path)} bytes; "
+                             f"{type(error).__name__}: {' '.join(str(error).split())[:120]}); copy the GGUF file "
+                             f"again") from None
 
 
 def load_tokenizer(path):
@@ -339,9 +386,22 @@ def load_causal_lm(path, *, dtype: str = "float32", device: str | None = None):
     return model.eval(), tokenizer
 
 
-def context_length(model: nn.Module, default: int = 2048) -> int:
-    """The longest sequence the model accepts (max_position_embeddings or n_positions)."""
-    config = getattr(model, "config", None)
+def model_context(path) -> int | None:
+    """The context length in a model's config (without loading the weights); None when it does not say."""
+    from transformers import AutoConfig
+
+    directory, extra = resolve_model_path(path)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True, **extra)
+    except (OSError, ValueError, TypeError):
+        return None  # the model's own loading names what is wrong, when a stage loads it
+    length = context_length(config, default=0)
+    return length or None
+
+
+def context_length(model, default: int = 2048) -> int:
+    """The longest sequence the model (or a model config) accepts (max_position_embeddings or n_positions)."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

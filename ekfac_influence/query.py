@@ -34,6 +34,7 @@ from .config import QueryConfig, to_dict
 from .data import DataError, EncodedQuery, PackedCorpus, Query, collate_query_rows, encode_query, query_rows
 from .data import pad_token_id, tokenizer_id
 from .factors import Factors, check_factors_match
+from .files import allocate_file, ensure_space
 from .model import context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import device_of, evaluation_mode
@@ -100,6 +101,10 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
                "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
                "queries": _digest([item.rows() for item in encoded]),
                "candidates": None if candidates is None else _digest([np.asarray(c).tolist() for c in candidates])}
+        if out is not None and distributed.is_main():  # the scores file, before anything is written
+            kept = out.parent / f".{out.name}.partial" / SCORES_FILE  # a resumed scan's file is there already
+            ensure_space(out.parent, 4 * len(encoded) * len(corpus) - (kept.stat().st_size if kept.exists() else 0),
+                         f"the scores file of {len(encoded)} queries × {len(corpus)} sequences")
         tmp = _work_directory(out, key)
         checkpoint = None if tmp is None else PassCheckpoint(tmp, key, every_batches=config.checkpoint_batches,
                                                               every_seconds=config.checkpoint_seconds)
@@ -121,7 +126,7 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
                           show_progress=show_progress)
         clock.lap("rescore")
         resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
-        train_size = config.train_size or factors.num_sequences
+        train_size = config.train_size or len(corpus)  # the training set being explained (README: delta_logp)
         records = [_record(q, resolved[q], details[q], corpus, tokenizer, train_size, config,
                            len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
         results = QueryResults(resolved, records, scores_QN, train_size, [l.name for l in layers], clock.laps)
@@ -311,7 +316,8 @@ def _scores_file(tmp: Path | None, Q: int, N: int) -> np.ndarray:
         return np.full((Q, N), np.nan, dtype=np.float32)
     path = tmp / SCORES_FILE
     if distributed.is_main() and not (path.exists() and path.stat().st_size == 4 * Q * N):
-        scores = np.memmap(path, dtype=np.float32, mode="w+", shape=(Q, N))
+        allocate_file(path, 4 * Q * N, f"the scores file of {Q} queries × {N} sequences")  # no SIGBUS on a full disk
+        scores = np.memmap(path, dtype=np.float32, mode="r+", shape=(Q, N))
         scores[:] = np.nan
         scores.flush()
     distributed.barrier()  # the file exists before the others open it
@@ -329,6 +335,7 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
                            "meaning": "scan scores (rank-k when config.rank is set); NaN = not scanned"},
                 "fingerprint": factors.fingerprint, "strategy": factors.strategy, "tokenizer_id": tokenizer_id(tokenizer),
                 "corpus_id": corpus.corpus_id, "num_train_sequences": results.num_train_sequences,
+                "factors_corpus": dict(factors.meta.get("corpus") or {}, num_sequences=factors.num_sequences),
                 "layers": results.layer_names, "config": to_dict(config)}
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     for progress in [tmp / "key.json", *tmp.glob("scan.rank*"), *tmp.glob("refine.rank*")]:

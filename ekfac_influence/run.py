@@ -15,6 +15,7 @@ without `overwrite`. Under `accelerate launch` every process runs the stage; the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -29,13 +30,15 @@ from .audit import near_duplicate_groups, sketched_cosines
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
-from .data import (DataError, PackedCorpus, corpus_source, dataset_documents, load_corpus, pack_to_disk, read_queries,
-                   training_batches)
+from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, dataset_documents, load_corpus,
+                   locate_corpus_problem, pack_to_disk, read_queries, training_batches)
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
+from .files import ensure_space
 from .fit import check_exact_size, fit_factors
-from .model import ModelLoadError, fingerprint, load_causal_lm, load_tokenizer, select_layers
+from .model import (ModelLoadError, context_length, fingerprint, load_causal_lm, load_tokenizer, model_context,
+                    select_layers)
 from .objectives import CausalLMObjective
 from .plan import FitPlan, plan_fit
 from .query import query_influence
@@ -44,7 +47,7 @@ from .report_data import read_manifest, read_records
 from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
-from .storage import PassCheckpoint, StorageError, atomic_write_text
+from .storage import PassCheckpoint, StorageError, atomic_write_text, stage_lock
 from .storage import read_manifest as read_stage_manifest
 from .variants import variants_from_config
 from .version import __version__
@@ -102,9 +105,12 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
         distributed.print0(f"packing {len(dataset)} documents of {config.corpus.path} into sequences of "
                            f"{config.corpus.length} tokens")
         try:
-            pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
-                         separate_documents=config.corpus.separate_documents, show_progress=show_progress,
-                         total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
+            with stage_lock(config.run, CORPUS, command="packing the corpus"):  # fit and index may both pack it
+                pack_to_disk(documents, tokenizer, path, length=config.corpus.length, overwrite=True,
+                             separate_documents=config.corpus.separate_documents, show_progress=show_progress,
+                             total=len(dataset), meta={"corpus": to_dict(config.corpus), "source": source})
+        except UndecodableText as error:
+            raise DataError(locate_corpus_problem(config.corpus.path) or f"corpus {config.corpus.path}: {error}") from None
         except DataError as error:
             raise DataError(f"corpus {config.corpus.path}: {error}") from None
     distributed.barrier()
@@ -128,22 +134,57 @@ def _corpus_differences(corpus: PackedCorpus, config: RunConfig, tokenizer, sour
     return found
 
 
+def check_corpus_length(config: RunConfig, context: int | None) -> None:
+    """Refuse training sequences longer than the model's context: positions past it were never trained (a rotary
+    model scores them without complaint, a learned-position one fails mid-pass)."""
+    if context and config.corpus.length > context:
+        raise ConfigError(f"corpus.length: {config.corpus.length} tokens is longer than the model's context of "
+                          f"{context} (max_position_embeddings of {config.model.path}); set corpus.length to at most "
+                          f"{context}")
+
+
 def training_loader(corpus: PackedCorpus, batch_size: int, num_workers: int):
     return training_batches(corpus, batch_size, num_workers=num_workers)
 
 
-def record_stage(config: RunConfig, stage: str, facts: dict) -> None:
-    """Save the resolved config of `stage` and merge `facts` into the run's manifest (main process only)."""
+def corpus_facts(corpus: PackedCorpus) -> dict:
+    """What a stage was computed from: the packed corpus's id, its source's content sha256, its size."""
+    return {"corpus_id": corpus.corpus_id, "source_sha256": (corpus.meta.get("source") or {}).get("sha256"),
+            "num_sequences": len(corpus)}
+
+
+def record_stage(config: RunConfig, stage: str, facts: dict, *, corpus: PackedCorpus | None = None) -> None:
+    """Save the resolved config of `stage` and merge `facts` into the run's manifest (main process only).
+
+    corpus: the packed corpus the stage read, recorded under stages.<stage>.corpus (corpus_facts).
+    """
     if not distributed.is_main():
         return
     run = Path(config.run)
+    manifest = read_run_manifest(run)
     atomic_write_text(run / f"config.{stage}.yaml", save_run_config(config))
     path = run / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {"kind": "ekfac_influence.run"}
     manifest.update(facts)
     manifest.setdefault("stages", {})[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "version": __version__,
                                                 "torch": torch.__version__}
+    if corpus is not None:
+        manifest["stages"][stage]["corpus"] = corpus_facts(corpus)
     atomic_write_text(path, json.dumps(manifest, indent=2))
+
+
+def read_run_manifest(run: Path) -> dict:
+    """The run's manifest.json ({"kind": ...} for a new run); a damaged one is named before any work, not after."""
+    path = Path(run) / "manifest.json"
+    if not path.exists():
+        return {"kind": "ekfac_influence.run"}
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StorageError(f"{path} is not valid JSON ({error}); the file is corrupted: restore it, or remove it (the "
+                           f"stages' own manifests stay) and rerun") from None
+    if not isinstance(manifest, dict):
+        raise StorageError(f"{path} is not a run manifest (a JSON object); the file is corrupted: restore or remove it")
+    return manifest
 
 
 def check_writable(path) -> None:
@@ -157,20 +198,58 @@ def check_writable(path) -> None:
         pass
 
 
+def note_factors_corpus(factors: Factors, corpus: PackedCorpus, config: RunConfig) -> None:
+    """Say so when the factors were fitted on another corpus than the one scored (legal: G from a sample).
+
+    delta_logp then divides by the sequences scored (query.train_size when set), not those fitted on.
+    """
+    fitted = factors.meta.get("corpus") or {}
+    same = (fitted.get("corpus_id") == corpus.corpus_id if fitted.get("corpus_id")
+            else factors.num_sequences == len(corpus))  # factors of a run before they recorded their corpus
+    if not same:
+        n = config.query.train_size or len(corpus)
+        distributed.print0(f"note: the factors were fitted on {factors.num_sequences} sequences of another corpus "
+                           f"(id {fitted.get('corpus_id', 'not recorded')}); scoring the {len(corpus)} sequences of "
+                           f"{Path(config.run) / CORPUS} (id {corpus.corpus_id}) with them; "
+                           f"delta_logp = score / {n}" + ("" if config.query.train_size else
+                                                        " (set query.train_size to the training set's size)"))
+
+
 def require(path: Path, what: str, command: str) -> None:
     if not path.exists():
         raise StorageError(f"{path} does not exist: {what} first (ekfac-influence {command}, with this run's config)")
 
 
+def one_writer(stage: str):
+    """Run the decorated stage holding the run directory's lock for `stage` (storage.stage_lock), on the main process.
+
+    A second writer of the same stage in the same run directory is refused in one line naming the
+    holder; readers (export, show) take no lock. `query` locks its query set (query.<name>).
+    """
+    def wrap(function):
+        @functools.wraps(function)
+        def locked(config: RunConfig, *args, **kwargs):
+            if not distributed.is_main():
+                return function(config, *args, **kwargs)
+            name = f"{stage}.{config.queries.name}" if stage == "query" else stage
+            with stage_lock(config.run, name, command=f"ekfac-influence {stage.replace('_', '-')}"):
+                return function(config, *args, **kwargs)
+        return locked
+    return wrap
+
+
 # ----------------------------------------------------------------------------- stages
 
 
+@one_writer("fit")
 def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Factors:
     """Pack the corpus (once) and fit the curvature factors of the model's tracked layers."""
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     model, tokenizer = load_model(config)
     layers = select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before work
     check_exact_size(layers, config.factors)
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / FACTORS
     if path.exists() and not overwrite:
@@ -190,16 +269,17 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                                 every_seconds=config.fit.checkpoint_seconds)
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
-    if factors.owners is not None:  # sharded: every process writes its shard
-        factors.save(path, overwrite=overwrite)
-    elif distributed.is_main():
+    factors.meta = dict(factors.meta, corpus=corpus_facts(corpus))  # what the factors were fitted on
+    if factors.owners is not None or distributed.is_main():  # sharded: every process writes its shard
+        tensors = [t for layer in factors.layers for t in layer.tensors().values()] + [factors.ggn_PP]
+        ensure_space(path.parent, sum(t.numel() * t.element_size() for t in tensors if t is not None), "writing the factors")
         factors.save(path, overwrite=overwrite)
     distributed.barrier()
     if distributed.is_main():
         checkpoint.clear()
     record_stage(config, "fit", {"fingerprint": factors.fingerprint, "tokenizer_id": corpus.tokenizer_id,
                                  "corpus_id": corpus.corpus_id, "layers": factors.layer_names,
-                                 "num_sequences": len(corpus)})
+                                 "num_sequences": len(corpus)}, corpus=corpus)
     distributed.print0(f"factors written to {path} ({time.time() - started:.0f} s)")
     return factors
 
@@ -251,10 +331,13 @@ def _differences(existing: Factors, model, layers, config: RunConfig, corpus: Pa
     return found
 
 
+@one_writer("index")
 def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True):
     """Build the shortlist index over the run's packed corpus (packing it first if needed)."""
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     tokenizer = load_tokenizer(config.model.path)
+    check_corpus_length(config, model_context(config.model.path))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / INDEX
     if path.exists() and not overwrite:
@@ -276,10 +359,11 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
         built.save(path, overwrite=overwrite)
         print(f"index of {len(corpus)} sequences written to {path} ({time.time() - started:.1f} s)")
     distributed.barrier()
-    record_stage(config, "index", {"tokenizer_id": corpus.tokenizer_id, "corpus_id": corpus.corpus_id})
+    record_stage(config, "index", {"tokenizer_id": corpus.tokenizer_id, "corpus_id": corpus.corpus_id}, corpus=corpus)
     return built if built is not None else ShortlistIndex.load(path)
 
 
+@one_writer("query")
 def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = False, show_progress: bool = True,
           report: bool = False):
     """Answer the queries (a list, or config.queries.file) and keep the results in <run>/queries/<name>/.
@@ -288,6 +372,7 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     """
     run = Path(config.run)
     check_writable(run)
+    read_run_manifest(run)  # a damaged manifest is found now, not after the work
     require(run / FACTORS, "fit the factors", "fit")
     if queries is None:
         if not config.queries.file:
@@ -305,11 +390,12 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     factors = Factors.load(run / FACTORS, shard=_query_shard(run / FACTORS, config))
     if config.query.candidates == "shortlist":
         index_ = ShortlistIndex.load(run / INDEX, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
+    note_factors_corpus(factors, corpus, config)
     distributed.print0(f"answering {len(queries)} queries over {len(corpus)} training sequences "
                        f"({config.query.candidates}{', k=' + str(config.query.shortlist_k) if index_ else ''})")
     results = query_influence(model, tokenizer, factors, corpus, queries, config.query, index=index_, out=out,
                               overwrite=overwrite, show_progress=show_progress)
-    record_stage(config, "query", {})
+    record_stage(config, "query", {}, corpus=corpus)
     if distributed.is_main():
         print_summary(results.records)
         print(f"results in {out}/ (topk.jsonl, scores.f32)")
@@ -341,10 +427,12 @@ def export(config: RunConfig, *, overwrite: bool = False) -> dict:
     return written
 
 
+@one_writer("self_influence")
 def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Audit the corpus: s(n) of every training sequence, its extremes and near-duplicate groups, in <run>/self_influence/."""
     run, section = Path(config.run), config.self_influence
     check_writable(run)
+    read_run_manifest(run)  # a damaged manifest is found now, not after the work
     require(run / FACTORS, "fit the factors", "fit")
     out = run / SELF_INFLUENCE
     if out.exists() and not overwrite:
@@ -352,6 +440,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     model, tokenizer = load_model(config)
     factors = Factors.load(run / FACTORS)
     check_factors_match(factors, model)  # FactorMismatchError before any pass
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, show_progress=show_progress)
     key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
            "batch_size": section.batch_size, "compute_dtype": section.compute_dtype}
@@ -402,6 +491,7 @@ def _subset_loader(corpus: PackedCorpus, ids, batch_size: int):
     return training_batches(corpus, batch_size, indices=ids)
 
 
+@one_writer("evaluate")
 def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> dict:
     """LDS against retrained models and planted-fact recall, per variant; the table in <run>/evaluation/.
 
@@ -411,10 +501,12 @@ def evaluate(config: RunConfig, *, overwrite: bool = False, show_progress: bool 
     if distributed.world() > 1:
         raise ConfigError("evaluate runs on one process: run it without accelerate launch / torchrun")
     check_writable(config.run)
+    read_run_manifest(Path(config.run))  # a damaged manifest is found now, not after the work
     variants = variants_from_config(config.evaluate.variants, config.factors)
     queries = read_queries(config.queries.file) if config.queries.file else []
     model, tokenizer = load_model(config)
     select_layers(model, config.factors.layers)  # a pattern that matches nothing fails here, before any training
+    check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     print(f"evaluating {', '.join(v.name for v in variants)} on {len(corpus)} sequences: "
           f"{' and '.join(config.evaluate.measurements)}")

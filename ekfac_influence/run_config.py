@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .config import (CANDIDATES, CORRECTION_ORDERS, DTYPES, INITS, NORMALIZATIONS, SHARDINGS, STRATEGIES, ConfigError,
                      EvaluateConfig, FactorConfig, QueryConfig, SelfInfluenceConfig, _require, did_you_mean, from_dict,
                      to_dict)
+from .files import NotTextError, read_utf8
 
 MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
 WEIGHTINGS = ("bm25", "tfidf")
@@ -245,7 +246,9 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
         if not file.is_file():
             raise ConfigError(f"config file {file} is not a file; give a YAML file")
         try:
-            values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            values = yaml.load(read_utf8(file, "config file"), Loader=_unique_key_loader(str(file))) or {}
+        except NotTextError as error:
+            raise ConfigError(str(error)) from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -271,6 +274,28 @@ def load_run_config(path: str | None = None, overrides: list[tuple[str, str]] = 
             raise ConfigError(f"override --{dotted}: section {parts[0]!r} is not a mapping")
         section[parts[1]] = value
     return run_config_from_dict(values, source=source)
+
+
+def _unique_key_loader(name: str):
+    """A yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error says it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise ConfigError(f"config file {name}: key {key!r} appears twice (lines "
+                                      f"{first} and {key_node.start_mark.line + 1}); the second would silently "
+                                      f"replace the first: merge them")
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def _is_relative_path(value) -> bool:

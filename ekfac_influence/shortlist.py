@@ -463,7 +463,7 @@ def _read_array(path: Path, name: str, checksums: dict) -> np.ndarray:
         raise ShortlistError(f"{file} is corrupted or truncated: its sha256 differs from the one in "
                              f"{path / MANIFEST_FILE}; rebuild the index")
     try:
-        return np.load(file, allow_pickle=False)
+        return np.load(file, allow_pickle=False, mmap_mode="r")  # pages read as searched, not N-sized in memory
     except (OSError, ValueError) as err:
         raise ShortlistError(f"{file} cannot be read as an array ({err}); rebuild the index") from err
 

@@ -80,6 +80,79 @@ def staged_directory(path, *, overwrite: bool, error: type[Exception] = StorageE
                     directory.rmdir()
 
 
+@contextlib.contextmanager
+def stage_lock(directory, stage: str, *, command: str | None = None):
+    """Hold `<directory>/.<stage>.lock` while the block runs: one writer per run directory and stage.
+
+    The lock is an exclusive `fcntl.flock` on that file, which the kernel drops when its holder
+    exits however it exits (an exception, a kill), and the file names the holder (host, pid, when,
+    what). A second writer is refused with a StorageError naming the holder. A file left by a holder
+    that died (its pid gone on this host) is taken over with a note; one left by another host is
+    refused, naming it (its process cannot be checked from here). The file is removed on release, and
+    so are the directories made for it when they stay empty. Readers take no lock.
+    """
+    import fcntl
+    import socket
+
+    directory = Path(directory)
+    path = directory / f".{stage}.lock"
+    created = [parent for parent in [directory, *directory.parents] if not parent.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    host, pid = socket.gethostname(), os.getpid()
+    fd = None
+    try:
+        while fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(path)
+                os.close(fd)
+                fd = None
+                raise StorageError(f"{directory} is being written by another {holder.get('command') or stage} "
+                                   f"({_describe_holder(holder)}; lock {path}): wait for it to finish, or use another "
+                                   f"--run") from None
+            if not path.exists() or os.stat(path).st_ino != os.fstat(fd).st_ino:  # released and removed meanwhile
+                os.close(fd)
+                fd = None
+        holder = _lock_holder(path)
+        if holder.get("pid") not in (None, pid) and holder.get("host") != host:
+            raise StorageError(f"{path} names a writer on another host ({_describe_holder(holder)}) that this "
+                               f"host cannot check; if it is no longer running, remove {path} and rerun")
+        try:
+            if holder.get("pid") not in (None, pid):
+                distributed.print0(f"note: took over the stale lock {path} of pid {holder['pid']} (no such process "
+                                   f"on {host}; started {holder.get('since', '?')})")
+            record = json.dumps({"host": host, "pid": pid, "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 "command": command or stage}).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)  # a full disk fails here, before the stage: the lock goes with it
+            os.fsync(fd)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)  # while still holding it: a waiting writer sees the new inode (above)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for parent in created:
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: dict) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -193,16 +193,23 @@ def disk_full_writing_factors(root: Path, monkeypatch) -> None:
     monkeypatch.setattr(storage, "save_file", save_file)
 
 
-def disk_full_in_memmap(root: Path, monkeypatch) -> None:
-    import numpy as np
+def disk_full_allocating_scores(root: Path, monkeypatch) -> None:
+    """The scores file's blocks cannot be allocated (as posix_fallocate fails on a full disk), though the free
+    space looked sufficient a moment before (another writer took it)."""
+    def posix_fallocate(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", posix_fallocate)
 
-    real = np.memmap
 
-    def memmap(filename, *args, mode="r+", **kwargs):
-        if mode == "w+":
-            raise OSError(28, "No space left on device")
-        return real(filename, *args, mode=mode, **kwargs)
-    monkeypatch.setattr(np, "memmap", memmap)
+def disk_too_small(free: int):
+    """The file system reports `free` bytes free: a big write must be refused before it starts."""
+    def setup(root: Path, monkeypatch) -> None:
+        real = shutil.disk_usage
+
+        def disk_usage(path):
+            return real(path)._replace(free=free)
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    return setup
 
 
 def read_only_run_directory(root: Path, monkeypatch) -> None:
@@ -246,6 +253,47 @@ def read_only_run_directory(root: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "open", os_open)
     for name in ("mkdir", "replace", "rename", "unlink", "remove", "rmdir"):
         monkeypatch.setattr(os, name, guard(getattr(os, name)))
+
+
+def write_bytes(name: str, data: bytes):
+    def setup(root: Path, monkeypatch) -> None:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return setup
+
+
+def append_bytes_to_config(data: bytes):
+    def setup(root: Path, monkeypatch) -> None:
+        with open(root / "run.yaml", "ab") as handle:
+            handle.write(data)
+    return setup
+
+
+def truncated_safetensors(root: Path, monkeypatch) -> None:
+    """The model's weights cut short, as an interrupted copy leaves them."""
+    shutil.copytree(root / "model", root / "model_broken")
+    path = root / "model_broken" / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+
+
+def gguf_cut_to(keep: Callable[[int], int]):
+    """The tiny model as a GGUF file (tiny.gguf), then cut to keep(size) bytes."""
+    def setup(root: Path, monkeypatch) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from test_references import write_llama_gguf
+
+        model = AutoModelForCausalLM.from_pretrained(root / "model")
+        write_llama_gguf(model, AutoTokenizer.from_pretrained(root / "model"), root / "tiny.gguf")
+        data = (root / "tiny.gguf").read_bytes()
+        (root / "tiny.gguf").write_bytes(data[: keep(len(data))])
+    return setup
+
+
+def corrupt_run_manifest(root: Path, monkeypatch) -> None:
+    path = root / RUN / "manifest.json"
+    path.write_text(path.read_text()[:40])
 
 
 def interrupt_the_fit(root: Path, monkeypatch) -> None:
@@ -315,6 +363,24 @@ CASES = [
     Case("run_empty", ("fit", "--run", ""), r"run: must be a directory path"),
     Case("run_under_a_file", ("fit", "--run", "notes.txt/run"),
          r"(?=.*notes\.txt/run)(?=.*[Nn]ot a directory)(?=.*--run)"),
+    Case("config_duplicate_section", ("fit",),
+         r"config file run\.yaml: key 'query' appears twice \(lines \d+ and \d+\).*merge them",
+         setup=append_to_config("query:\n  rank: 3\n")),
+    Case("config_duplicate_key", ("fit",), r"config file run\.yaml: key 'damping' appears twice \(lines 3 and 4\)",
+         setup=write("run.yaml", "run: runs/tiny\nfactors:\n  damping: 0.1\n  damping: 0.2\n")),
+    Case("config_not_utf8", ("fit",), r"config file run\.yaml is not UTF-8 text: byte 0xff at offset \d+ \(line \d+\)",
+         setup=append_bytes_to_config(b"# caf\xff\n")),
+    Case("config_is_a_directory", ("fit", "--config", "confdir"), r"config file confdir is not a file", config=False,
+         setup=lambda root, monkeypatch: (root / "confdir").mkdir()),
+    Case("damping_infinite", ("fit", "--factors.damping", ".inf"), r"factors\.damping: must be a finite number, got inf"),
+    Case("damping_nan_in_config", ("fit",), r"run\.yaml: factors\.damping: must be a finite number, got nan",
+         setup=append_to_config("factors:\n  damping: .nan\n")),
+    Case("damping_factor_infinite", ("fit", "--factors.damping_factor", ".inf"),
+         r"factors\.damping_factor: must be a finite number, got inf"),
+    Case("corpus_length_beyond_context", ("fit", "--corpus.length", "128"),
+         r"corpus\.length: 128 tokens is longer than the model's context of 64 .*at most 64"),
+    Case("index_corpus_length_beyond_context", ("index", "--corpus.length", "65"),
+         r"corpus\.length: 65 tokens is longer than the model's context of 64"),
     # --- the model and its tokenizer
     Case("model_missing", ("fit", "--model.path", "no_model"),
          r"model no_model does not exist: not a local path, nor a Hugging Face id in the local cache"),
@@ -326,6 +392,15 @@ CASES = [
          setup=model_copy_without("*.safetensors")),
     Case("model_without_tokenizer", ("fit", "--model.path", "model_broken"), r"model_broken.*tokenizer",
          setup=model_copy_without("tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt")),
+    Case("model_safetensors_truncated", ("fit", "--model.path", "model_broken"),
+         r"model file model_broken/model\.safetensors is truncated or corrupted: its header announces \d+ bytes, the "
+         r"file holds \d+", setup=truncated_safetensors),
+    Case("gguf_header_cut", ("fit", "--model.path", "tiny.gguf"), r"model file tiny\.gguf is truncated or corrupted",
+         setup=gguf_cut_to(lambda size: 210)),
+    Case("gguf_truncated", ("fit", "--model.path", "tiny.gguf"), r"model file tiny\.gguf is truncated or corrupted",
+         setup=gguf_cut_to(lambda size: size - 5000)),
+    Case("gguf_wrong_magic", ("fit", "--model.path", "fake.gguf"), r"fake\.gguf is not a GGUF file",
+         setup=write("fake.gguf", "not a model\n")),
     Case("tokenizer_larger_than_embedding", ("fit", "--model.path", "model_small_vocab"),
          r"tokenizer at model_small_vocab has 300 tokens but the model's embedding has 100"),
     Case("layer_pattern_matches_nothing", ("fit", "--factors.layers", "[nothing_here]"),
@@ -353,6 +428,18 @@ CASES = [
          r"corpus files must share one of the formats .*; got \.csv, \.jsonl", setup=mixed_corpus_directory),
     Case("corpus_saved_without_the_split", ("fit", "--corpus.path", "saved", "--corpus.split", "test"),
          r"saved dataset saved has splits \['train'\], not 'test'", setup=saved_dataset_dict),
+    Case("corpus_jsonl_line_not_json", ("fit", "--corpus.path", "bad.jsonl"),
+         r"corpus bad\.jsonl:2: not valid JSON",
+         setup=write("bad.jsonl", jsonl({"name": "a", "text": "Some text."}, '{"name": "b", "text": "cut', 
+                                        {"name": "c", "text": "More."}))),
+    Case("corpus_csv_header_only", ("fit", "--corpus.path", "head.csv"), r"corpus head\.csv has a header but no rows",
+         setup=write("head.csv", "name,text\n")),
+    Case("corpus_text_not_utf8", ("fit", "--corpus.path", "latin.txt", "--corpus.id_column", "null"),
+         r"corpus latin\.txt:2: not UTF-8 text \(byte 0xe9 at offset 19\)",
+         setup=write_bytes("latin.txt", b"Some plain text\ncaf\xe9 au lait\n")),
+    Case("corpus_jsonl_not_utf8", ("fit", "--corpus.path", "latin.jsonl"),
+         r"corpus latin\.jsonl:2: not UTF-8 text \(byte 0xe9 at offset \d+\)",
+         setup=write_bytes("latin.jsonl", b'{"name": "a", "text": "Some text."}\n{"name": "b", "text": "caf\xe9"}\n')),
     # --- queries
     Case("query_file_missing", ("query", "--queries.file", "nope.jsonl"), r"query file nope\.jsonl does not exist",
          state="fitted"),
@@ -374,6 +461,14 @@ CASES = [
     Case("query_duplicate_ids", ("query",), r"queries\.jsonl: query ids repeat \(\['same'\]\)", state="fitted",
          setup=write("queries.jsonl", jsonl({"id": "same", "prompt": "a", "completion": " b"},
                                             {"id": "same", "prompt": "c", "completion": " d"}))),
+    Case("query_prompt_a_number", ("query",), r"queries\.jsonl:1: .*the prompt must be text \(a string\), got 42",
+         state="fitted", setup=write("queries.jsonl", jsonl({"prompt": 42, "completion": " b"}))),
+    Case("query_contrast_is_the_completion", ("query",), r"queries\.jsonl:1: .*the contrast is the completion",
+         state="fitted", setup=write("queries.jsonl", jsonl({"prompt": "a", "completion": " b", "contrast": " b"}))),
+    Case("option_contrast_is_the_completion", ("query", "--prompt", "a", "--completion", " b", "--contrast", " b"),
+         r"the contrast is the completion \(' b'\)", state="fitted"),
+    Case("query_file_not_utf8", ("query",), r"query file queries\.jsonl is not UTF-8 text: byte 0xe9 at offset \d+",
+         state="fitted", setup=write_bytes("queries.jsonl", b'{"prompt": "a", "completion": "caf\xe9"}\n')),
     Case("option_empty_prompt", ("query", "--prompt", "", "--completion", " x"), r"the prompt is empty",
          state="fitted"),
     Case("option_empty_completion", ("query", "--prompt", "The assert statement", "--completion", ""),
@@ -415,13 +510,24 @@ CASES = [
     Case("index_of_another_corpus", ("query", "--queries.name", "second"),
          rf"{RUN}/index.*(another corpus|built for corpus).*(ekfac-influence index|--overwrite)", state="queried",
          setup=index_of_another_corpus),
+    Case("run_manifest_corrupted", ("query", "--queries.name", "second"),
+         rf"{RUN}/manifest\.json is not valid JSON.*corrupted", state="queried", setup=corrupt_run_manifest),
     # --- the disk, and an interruption
     Case("disk_full_writing_factors", ("fit", "--overwrite", "--factors.strategy", "kfac"),
          rf"No space left on device.*{RUN}.*free", state="fitted", setup=disk_full_writing_factors,
          may_create=(f"{RUN}/factors.partial",), why="the fit's checkpoint is kept on purpose: the rerun resumes it"),
-    Case("disk_full_writing_scores", ("query", "--queries.name", "second"), rf"No space left on device.*{RUN}.*free",
-         state="queried", setup=disk_full_in_memmap, may_create=(f"{RUN}/queries/.second.partial",),
+    Case("disk_full_writing_scores", ("query", "--queries.name", "second"),
+         rf"No space left on device: the scores file of 2 queries × \d+ sequences needs [\d.]+ \w+, [\d.]+ \w+ free "
+         rf"\({RUN}/queries/\.second\.partial/scores\.f32\); free some space",
+         state="queried", setup=disk_full_allocating_scores, may_create=(f"{RUN}/queries/.second.partial",),
          why="the partial query set is kept on purpose: the rerun after freeing space resumes it"),
+    Case("disk_too_small_for_scores", ("query", "--queries.name", "second"),
+         rf"No space left on device: the scores file of 2 queries × \d+ sequences needs [\d.]+ \w+, 100 B free "
+         rf"\({RUN}/queries\); free some space", state="queried", setup=disk_too_small(100)),
+    Case("disk_too_small_for_factors", ("fit", "--overwrite", "--factors.strategy", "kfac"),
+         rf"No space left on device: writing the factors needs [\d.]+ KiB, 100 B free \({RUN}\)", state="fitted",
+         setup=disk_too_small(100), may_create=(f"{RUN}/factors.partial",),
+         why="the fit's checkpoint is kept on purpose: the rerun resumes it"),
     Case("read_only_run_directory", ("fit", "--overwrite", "--factors.strategy", "kfac"),
          rf"Permission denied.*{RUN}.*writable", state="fitted", setup=read_only_run_directory),
     Case("interrupted_fit", ("fit", "--overwrite", "--factors.strategy", "kfac"),
