@@ -173,7 +173,8 @@ class ScoreConfig:
 
     train_size: int | None = None
     """N in delta_logp = score / N: the number of sequences the model was trained on. None = the
-    sequences the factors were fitted on (set it when the factors were fitted on a sample)."""
+    training sequences scored (set it when they are a sample of the training set; factors fitted on a
+    sample or another packing do not change N)."""
 
     def __post_init__(self) -> None:
         _require(self.rank is None or self.rank > 0, "rank", f"must be a positive integer or None, got {self.rank}")

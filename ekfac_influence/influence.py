@@ -179,7 +179,7 @@ def compute_scores(model: nn.Module, factors: Factors, query_batches: Iterable, 
                                                             dtype=dtype, rank=config.rank, show_progress=show_progress)
         result = score_training_set(model, layers, preconditioned, train_batches, objective, config,
                                     show_progress=show_progress)
-    result.num_train_sequences = config.train_size or factors.num_sequences
+    result.num_train_sequences = config.train_size or result.scores.shape[-1]  # the training set scored, as query does
     return result
 
 

@@ -242,8 +242,9 @@ class ScoreResult:
     """Influence of every training sequence on every query; positive = helpful.
 
     scores: [Q, N]; per_layer: {layer: [Q, N]}; per_token: [Q, N, T] (zero on padding).
-    `num_train_sequences` is the N over which G was averaged: delta_logp = score / N estimates the
-    change of log p(c | p) from adding one copy of the sequence to the training set.
+    `num_train_sequences` is N, the size of the training set (ScoreConfig.train_size, else the
+    sequences scored): delta_logp = score / N estimates the change of log p(c | p) from adding one copy
+    of the sequence to the training set.
     """
 
     scores: Tensor

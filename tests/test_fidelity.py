@@ -272,3 +272,6 @@ def test_train_size_sets_the_n_of_delta_logp(digits):
     default = ei.compute_scores(model, factors, queries, train, objective, show_progress=False)
     assert default.num_train_sequences == 1000 and math.isclose(float(default.delta_logp[0, 0] * 1000),
                                                                 float(default.scores[0, 0]), rel_tol=1e-6)
+    sampled = fitted(model, train[:3], objective, "identity")  # factors fitted on a sample: N is the set scored
+    assert sampled.num_sequences == 300
+    assert ei.compute_scores(model, sampled, queries, train, objective, show_progress=False).num_train_sequences == 1000
