@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import char_sequences, correlation, lm_batches, make_llama, query_batches, train_lm
 from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
 
 import ekfac_influence as ei
 from ekfac_influence.precondition import LowRank, compress
@@ -89,8 +90,11 @@ def test_every_contraction_form_gives_the_reference_scores_on_padded_batches(for
         with pytest.raises(ValueError, match="per-token"):
             layer_scores(P, d, a, per_token=True, mask_BT=mask_BT, form=form)
         return
-    score_QB, tokens_QBT = layer_scores(exact if form == "rank" else P, d, a, per_token=per_token, mask_BT=mask_BT,
-                                        form=form)
+    with FlopCounterMode(display=False) as counted:
+        score_QB, tokens_QBT = layer_scores(exact if form == "rank" else P, d, a, per_token=per_token, mask_BT=mask_BT,
+                                            form=form)
+    (Q, O, I), (B, T), N = P.shape, mask_BT.shape, int(mask_BT.sum())
+    assert counted.get_total_flops() == 2 * contraction_costs(Q, B, T, N, O, I, I)[form]  # the cost model's count
     assert_close(score_QB, reference_QBT.sum(-1))
     if per_token:
         assert_close(tokens_QBT, reference_QBT)
