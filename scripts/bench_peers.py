@@ -5,7 +5,9 @@ documentation as bytes packed into N sequences of T = 128, the 12 MLP linears tr
 0.1 × mean(Λ) per layer (both packages' heuristic), 16 held-out prompt/completion queries. Each
 stage of each package runs between two timed training epochs (forward + backward + AdamW over the
 same N sequences) and is reported as a ratio to their mean; the packages take turns, repeat after
-repeat, so that both see the same machine. The scores of the two packages are compared (Pearson).
+repeat, so that both see the same machine. Beside wall time it reports the ratio of this process's CPU
+time (one torch thread by default), steadier than wall time on a machine that others share. The
+scores of the two packages are compared (Pearson).
 
     python scripts/bench_peers.py                          # N=256, about 4 minutes on 2 CPU cores
     python scripts/bench_peers.py --sequences 512
@@ -219,27 +221,42 @@ def main() -> None:
     print(f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
     train_epoch(trainee, optimizer, train[:2])
-    bench = Bench(lambda: train_epoch(trainee, optimizer, train), device, retries=0)
+    cpu: list[float] = []  # this process's CPU seconds of each timed call, in order
+
+    def on_cpu(fn):
+        def run():
+            start = time.process_time()
+            result = fn()
+            cpu.append(time.process_time() - start)
+            return result
+        return run
+
+    bench = Bench(on_cpu(lambda: train_epoch(trainee, optimizer, train)), device, retries=0)
     bench.epoch()
     ratios = {name: [] for name in stages}
+    cpu_ratios = {name: [] for name in stages}
     seconds = {name: [] for name in stages}
     others = {name: [] for name in stages}
     results = {}
     for _ in range(args.repeats):
         for name, fn in stages.items():  # the packages take turns
-            m, results[name] = bench.stage(fn, 1)
+            m, results[name] = bench.stage(on_cpu(fn), 1)
             ratios[name] += m.ratios
+            cpu_ratios[name].append(cpu[-2] / ((cpu[-3] + cpu[-1]) / 2))  # epoch before, stage, epoch after
             seconds[name].append(m.seconds)
             others[name].append(m.others or 0.0)
     unit = bench.unit()
     print(f"- epochs: {' '.join(f'{t.seconds:.2f}' for t in bench.epochs)} s (median {unit.seconds:.2f} s)")
     print(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| stage | seconds | × epoch (median) | ratios | other load (max) |")
-    print("| --- | ---: | ---: | --- | ---: |")
+    print("| stage | seconds | × epoch (median) | ratios | CPU time × epoch CPU time (median) | ratios | other load (max) |")
+    print("| --- | ---: | ---: | --- | ---: | --- | ---: |")
     for name in stages:
         m = Measurement(statistics.median(seconds[name]), ratios[name], max(others[name]))
         print(f"| {name} | {m.seconds:.2f} | {m.ratio:.2f} | {' '.join(f'{r:.2f}' for r in m.ratios)} | "
+              f"{statistics.median(cpu_ratios[name]):.2f} | {' '.join(f'{r:.2f}' for r in cpu_ratios[name])} | "
               f"{100 * m.others:.0f}% |")
+    print("\nCPU time: this process's user + system seconds (time.process_time), which other processes on the machine "
+          "disturb far less than wall time when the machine is shared.")
     if skipped is None:
         ours = results["score Q=%d (this package)" % args.queries]
         theirs = results["score Q=%d (kronfluence 1.0.1)" % args.queries]
