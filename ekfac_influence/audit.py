@@ -6,7 +6,8 @@ the sign cancels in every product below):
 
     s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) = Σ_ℓ s_ℓ(n)          (self-influence, ≥ 0)
     identity:   s_ℓ = ‖DW‖²             diagonal: s_ℓ = Σ DW² ⊘ (Λ + λ)
-    kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed)
+    kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed;
+                R in the cheapest of four contraction orders, `rotation_costs`)
     exact:      s_ℓ = ⟨P(DW)_ℓ, DW_ℓ⟩, P the dense damped Gauss-Newton solve (layers coupled)
     per token:  s_t(n) = Σ_ℓ g_tᵀ P(DW_n)_ℓ ā_t = Σ_ℓ (Q_Sᵀ g_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀ ā_t)
 
