@@ -83,7 +83,7 @@ def packed_token_scores(P: Tensor | LowRank, d_NO: Tensor, a_NI: Tensor) -> Tens
     return torch.cat(out) if out else d_NO.new_zeros(0, N)
 
 
-def real_positions(mask_BT: Tensor | None, B: int, T: int) -> Tensor | None:
+def real_positions(mask_BT: Tensor | None) -> Tensor | None:
     """Flat indices b·T + t of the real tokens (None: every position is real)."""
     return None if mask_BT is None else mask_BT.reshape(-1).nonzero().squeeze(1)
 
@@ -128,7 +128,7 @@ def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token
     mask_BT: 1 = real token (d and ā are zero elsewhere); the token forms skip the padding.
     """
     B, T, _ = d_BTO.shape
-    flat_N = real_positions(mask_BT, B, T)
+    flat_N = real_positions(mask_BT)
     N = B * T if flat_N is None else len(flat_N)
     form = form or choose_form(P, B, trimmed(d_BTO, a_BTI, mask_BT)[0].shape[1], N, per_token=per_token)
     if form == "sequences":
