@@ -9,9 +9,9 @@ repeat, so that both see the same machine. Beside wall time it reports the ratio
 time (one torch thread by default), steadier than wall time on a machine that others share. The
 scores of the two packages are compared (Pearson).
 
-    python scripts/bench_peers.py                          # N=256, about 4 minutes on 2 CPU cores
+    python scripts/bench_peers.py                          # N=256, 2 rounds: 8-12 minutes on 2 shared CPU cores
     python scripts/bench_peers.py --sequences 512
-    python scripts/bench_peers.py --sequences 3072 --repeats 1
+    python scripts/bench_peers.py --sequences 3072 --repeats 1   # about 15 minutes
     python scripts/bench_peers.py --quick                  # smoke test
     python scripts/bench_peers.py --no-kronfluence         # this package only
 
