@@ -6,7 +6,8 @@ the sign cancels in every product below):
 
     s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) = Σ_ℓ s_ℓ(n)          (self-influence, ≥ 0)
     identity:   s_ℓ = ‖DW‖²             diagonal: s_ℓ = Σ DW² ⊘ (Λ + λ)
-    kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed)
+    kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed;
+                R in the cheapest of four contraction orders, `rotation_costs`)
     exact:      s_ℓ = ⟨P(DW)_ℓ, DW_ℓ⟩, P the dense damped Gauss-Newton solve (layers coupled)
     per token:  s_t(n) = Σ_ℓ g_tᵀ P(DW_n)_ℓ ā_t = Σ_ℓ (Q_Sᵀ g_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀ ā_t)
 
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import SelfInfluenceConfig
-from .factors import Factors, LayerFactors, check_factors_match, rotated_sequence_gradients, sequence_gradients
+from .factors import Factors, LayerFactors, check_factors_match, sequence_gradients
 from .objectives import Objective
 from .passes import BatchCapture, capture_pass, evaluation_mode
 from .precondition import exact_inverse_product
@@ -63,19 +64,58 @@ class SelfInfluenceResult:
 # ----------------------------------------------------------------------------- kernels
 
 
-def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str) -> tuple[Tensor, Tensor | None]:
-    """(R_BOI, scale_OI): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I).
+ROTATION_ORDERS = ("tokens", "sequences", "inputs first", "outputs first")
+
+
+def rotation_costs(T: int, O: int, I: int) -> dict[str, int]:
+    """Multiply-adds per sequence of R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ā_t)ᵀ in each order.
+
+    tokens: rotate every g_t and ā_t, then sum the products; sequences: form DW, then rotate both of
+    its sides; inputs first: rotate the ā_t, sum, then Q_Sᵀ from the left (cheaper when I < T < O);
+    outputs first: rotate the g_t, sum, then Q_A from the right (when O < T < I).
+    """
+    return {"tokens": T * (O * O + I * I) + T * O * I, "sequences": T * O * I + O * I * (O + I),
+            "inputs first": T * I * I + T * O * I + O * O * I, "outputs first": T * O * O + T * O * I + O * I * I}
+
+
+def rotation_order(T: int, O: int, I: int) -> str:
+    costs = rotation_costs(T, O, I)
+    return min(costs, key=costs.get)  # ties go to the order listed first
+
+
+def rotated_gradients(g_BTO: Tensor, a_BTI: Tensor, QS_OO, QA_II, order: str | None = None
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(R_BOI = Q_Sᵀ DW_n Q_A, the rotated g_BTO Q_S or None, the rotated ā_BTI Q_A or None) in the cheapest order."""
+    order = order or rotation_order(g_BTO.shape[1], g_BTO.shape[2], a_BTI.shape[2])
+    if order == "tokens":
+        g_BTO, a_BTI = g_BTO @ QS_OO, a_BTI @ QA_II
+        return sequence_gradients(g_BTO, a_BTI), g_BTO, a_BTI
+    if order == "sequences":
+        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI) @ QA_II, None, None
+    if order == "inputs first":
+        a_BTI = a_BTI @ QA_II
+        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI), None, a_BTI
+    if order == "outputs first":
+        g_BTO = g_BTO @ QS_OO
+        return sequence_gradients(g_BTO, a_BTI) @ QA_II, g_BTO, None
+    raise ValueError(f"rotation order must be one of {', '.join(ROTATION_ORDERS)}, not {order!r}")
+
+
+def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str
+                    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, Tensor | None]]:
+    """(R_BOI, scale_OI, rotated tokens): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I),
+    and (g Q_S, ā Q_A) where the chosen order rotated them (None where it did not).
 
     s_ℓ = Σ R² · scale and W = R · √scale. identity and diagonal work in the original basis.
     """
     if strategy in ("kfac", "ekfac"):
-        R_BOI = rotated_sequence_gradients(g_BTO, a_BTI, factors.QS_OO, factors.QA_II)
-        return R_BOI, 1 / (factors.lambda_OI + factors.damping)
+        R_BOI, g_rotated, a_rotated = rotated_gradients(g_BTO, a_BTI, factors.QS_OO, factors.QA_II)
+        return R_BOI, 1 / (factors.lambda_OI + factors.damping), (g_rotated, a_rotated)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
     if strategy == "identity":
-        return DW_BOI, None
+        return DW_BOI, None, (g_BTO, a_BTI)
     if strategy == "diagonal":
-        return DW_BOI, 1 / (factors.lambda_OI + factors.damping)
+        return DW_BOI, 1 / (factors.lambda_OI + factors.damping), (g_BTO, a_BTI)
     raise ValueError(f"strategy {strategy!r} has no per-layer whitening; self-influence supports {', '.join(STRATEGIES)}")
 
 
@@ -107,13 +147,13 @@ def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtyp
     else:
         for layer in factors.layers:
             moved = layer.to(dtype, grads[layer.name].device)
-            R_BOI, scale_OI = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
+            R_BOI, scale_OI, (g_BTO, a_BTI) = layer_whitening(grads[layer.name], acts[layer.name], moved,
+                                                              factors.strategy)
             X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
             per_layer[layer.name] = (R_BOI * X_BOI).sum((1, 2)).cpu()
-            if per_token:
-                g_BTO, a_BTI = grads[layer.name], acts[layer.name]
-                if factors.strategy in ("kfac", "ekfac"):
-                    g_BTO, a_BTI = g_BTO @ moved.QS_OO, a_BTI @ moved.QA_II
+            if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t)
+                g_BTO = grads[layer.name] @ moved.QS_OO if g_BTO is None else g_BTO
+                a_BTI = acts[layer.name] @ moved.QA_II if a_BTI is None else a_BTI
                 layer_BT = token_products(g_BTO, X_BOI, a_BTI)
                 tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
             if sketch is not None:
@@ -243,7 +283,7 @@ def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) ->
     parts = []
     for layer in factors.layers:
         moved = layer.to(dtype, grads[layer.name].device)
-        R_BOI, scale_OI = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
+        R_BOI, scale_OI, _ = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
         W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
         parts.append(_sketched(W_BOI, layer.name).flatten(1).cpu())
     return torch.cat(parts, 1)

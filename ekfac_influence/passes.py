@@ -29,6 +29,7 @@ class BatchCapture:
     acts: dict[str, Tensor]  # layer -> ā_BTI (masked)
     grads: dict[str, Tensor]  # layer -> g_BTO (masked), gradient of the summed loss; [D·B, T, O] with D draws
     draws: int = 1  # label draws per position: grads hold D blocks of B sequences, draw-major
+    mask: Tensor | None = None  # [B, T], 1 = real token; None when every position is real
 
     def draw_acts(self, name: str) -> Tensor:
         """ā of layer `name` matching grads' rows: [D·B, T, I] (the same activations for every draw)."""
@@ -177,6 +178,7 @@ def _forward_backward(model, layers, batch, objective: Objective, loss: str, sam
         acts=acts,
         grads={name: mask_gradient(g_BTO, draw_mask) for name, g_BTO in grads.items()},
         draws=len(values),
+        mask=mask_BT,
     )
 
 

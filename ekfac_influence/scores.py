@@ -1,15 +1,22 @@
 """Score kernels: ⟨P(∇f_q), ∇log p(z_n)⟩ per layer, per token, from ā and g.
 
-Shapes: Q queries, B sequences, T positions, I in-features (+1 bias), O out-features, K rank.
-With D = ∇log p(z) = −∇L(z) = Σ_t d_t ā_tᵀ (d_t = −g_t):
+Shapes: Q queries, B sequences, T positions, N real (non-pad) tokens of a batch, I in-features
+(+1 bias), O out-features, K rank. With D = ∇log p(z) = −∇L(z) = Σ_t d_t ā_tᵀ (d_t = −g_t):
 
     score(q, n)       = Σ_ℓ Σ_t d_tᵀ P_ℓ(q) ā_t
     per token t       = Σ_ℓ d_tᵀ P_ℓ(q) ā_t      (shown on input token t, which predicts t+1)
     rank-k P = U Vᵀ:    d_tᵀ P ā_t = Σ_k (u_kᵀ d_t)(v_kᵀ ā_t)
 
-Without per-token scores a dense P goes through the per-sequence O × I gradient (B·T·O·I + Q·B·O·I
-flops); per-token scores contract token by token (Q·B·T·O·I); a rank-k P contracts token by token
-(Q·B·T·K·(O + I)). The caller turns a rank-k P dense when that is cheaper and fits in memory.
+Three contraction forms, chosen per layer and batch by their multiply-adds (`contraction_costs`):
+
+    "sequences"  the per-sequence gradient D_BOI, then one product with every dense P: B·T·O·I + Q·B·O·I
+                 (T: the positions left after trimming those that are padding in every sequence)
+    "tokens"     d_tᵀ (P ā_t) on the N real tokens only, packed:                    Q·N·O·I
+    "rank"       Σ_k (u_kᵀ d_t)(v_kᵀ ā_t) on the N real tokens, for a rank-k P:     Q·N·K·(O + I)
+
+Many queries sharing a pass favour "sequences"; one query, or a batch that is mostly padding, favours
+"tokens"; per-token scores need a token form. A rank-k P is turned dense, once and for good, when a
+dense form is cheaper and the dense queries fit in memory (`scoring_form`).
 """
 
 from __future__ import annotations
@@ -60,15 +67,88 @@ def low_rank_token_scores(P: LowRank, d_BTO: Tensor, a_BTI: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token: bool) -> tuple[Tensor, Tensor | None]:
-    """(score_QB, token_QBT or None) of one layer, in the cheapest contraction order."""
+def packed_token_scores(P: Tensor | LowRank, d_NO: Tensor, a_NI: Tensor) -> Tensor:
+    """token_QN = d_nᵀ P ā_n of N packed (real) tokens: "tokens" for a dense P, "rank" for a rank-k one."""
+    N = d_NO.shape[0]
+    out = []
     if isinstance(P, LowRank):
-        tokens_QBT = low_rank_token_scores(P, d_BTO, a_BTI)
-        return tokens_QBT.sum(-1), tokens_QBT if per_token else None
+        for start, stop in _query_chunks(P.left_QOK.shape[0], N * P.left_QOK.shape[-1]):
+            du_QNK = torch.einsum("no,qok->qnk", d_NO, P.left_QOK[start:stop])
+            av_QNK = torch.einsum("ni,qik->qnk", a_NI, P.right_QIK[start:stop])
+            out.append((du_QNK * av_QNK).sum(-1))
+    else:
+        for start, stop in _query_chunks(P.shape[0], N * P.shape[1]):
+            Pa_QNO = torch.einsum("qoi,ni->qno", P[start:stop], a_NI)
+            out.append((Pa_QNO * d_NO).sum(-1))
+    return torch.cat(out) if out else d_NO.new_zeros(0, N)
+
+
+def real_positions(mask_BT: Tensor | None) -> Tensor | None:
+    """Flat indices b·T + t of the real tokens (None: every position is real)."""
+    return None if mask_BT is None else mask_BT.reshape(-1).nonzero().squeeze(1)
+
+
+def trimmed(d_BTO: Tensor, a_BTI: Tensor, mask_BT: Tensor | None) -> tuple[Tensor, Tensor]:
+    """d and ā without the leading and trailing positions that are padding in every sequence of the batch."""
+    if mask_BT is None:
+        return d_BTO, a_BTI
+    used_T = mask_BT.any(0).nonzero()
+    if len(used_T) == 0:
+        return d_BTO[:, :0], a_BTI[:, :0]
+    first, last = int(used_T[0]), int(used_T[-1]) + 1
+    return d_BTO[:, first:last], a_BTI[:, first:last]
+
+
+def contraction_costs(Q: int, B: int, T: int, N: int, O: int, I: int, K: int | None = None) -> dict[str, int]:
+    """Multiply-adds of each form (module docstring) for Q queries against B sequences of T positions, N real tokens.
+
+    K: the rank of a rank-k P (then "rank" is a choice; a dense P's forms are costed as if it were dense).
+    """
+    costs = {"sequences": B * T * O * I + Q * B * O * I, "tokens": Q * N * O * I}
+    if K is not None:
+        costs["rank"] = Q * N * K * (O + I)
+    return costs
+
+
+def choose_form(P: Tensor | LowRank, B: int, T: int, N: int, *, per_token: bool) -> str:
+    """The cheapest form that applies: "rank" for a rank-k P; "tokens" or (without per-token scores) "sequences"."""
+    if isinstance(P, LowRank):
+        return "rank"
+    Q, O, I = P.shape
+    costs = contraction_costs(Q, B, T, N, O, I)
     if per_token:
-        tokens_QBT = dense_token_scores(P, d_BTO, a_BTI)
-        return tokens_QBT.sum(-1), tokens_QBT
-    return dense_sequence_scores(P, d_BTO, a_BTI), None
+        costs.pop("sequences")
+    return min(costs, key=costs.get)
+
+
+def layer_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, *, per_token: bool, mask_BT: Tensor | None = None,
+                 form: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """(score_QB, token_QBT or None) of one layer, in the cheapest contraction form (or the `form` given).
+
+    mask_BT: 1 = real token (d and ā are zero elsewhere); the token forms skip the padding.
+    """
+    B, T, _ = d_BTO.shape
+    flat_N = real_positions(mask_BT)
+    N = B * T if flat_N is None else len(flat_N)
+    form = form or choose_form(P, B, trimmed(d_BTO, a_BTI, mask_BT)[0].shape[1], N, per_token=per_token)
+    if form == "sequences":
+        if per_token or isinstance(P, LowRank):
+            raise ValueError("the sequences form needs a dense P and gives no per-token scores")
+        return dense_sequence_scores(P, *trimmed(d_BTO, a_BTI, mask_BT)), None
+    if (form == "rank") != isinstance(P, LowRank):
+        raise ValueError(f"form {form!r} does not apply to a {'rank-k' if isinstance(P, LowRank) else 'dense'} P")
+    d_NO, a_NI = d_BTO.reshape(B * T, -1), a_BTI.reshape(B * T, -1)
+    if flat_N is not None:
+        d_NO, a_NI = d_NO[flat_N], a_NI[flat_N]
+    token_QN = packed_token_scores(P, d_NO, a_NI)
+    if flat_N is None:
+        tokens_QBT = token_QN.view(-1, B, T)
+        return tokens_QBT.sum(-1), tokens_QBT if per_token else None
+    score_QB = token_QN.new_zeros(token_QN.shape[0], B).index_add_(1, flat_N // T, token_QN)
+    if not per_token:
+        return score_QB, None
+    tokens_QBT = token_QN.new_zeros(token_QN.shape[0], B * T).index_copy_(1, flat_N, token_QN).view(-1, B, T)
+    return score_QB, tokens_QBT
 
 
 def pair_token_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M: Tensor, b_M: Tensor) -> Tensor:
@@ -105,16 +185,15 @@ def pair_sequence_scores(P: Tensor | LowRank, d_BTO: Tensor, a_BTI: Tensor, q_M:
     return torch.cat(out) if out else d_BTO.new_zeros(0)
 
 
-def scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool) -> Tensor | LowRank:
-    """A rank-k query gradient is turned dense once, for good, when the dense kernel is cheaper and fits."""
+def scoring_form(preconditioned: dict, name: str, shape_BTO, I: int, per_token: bool, N: int | None = None) -> Tensor | LowRank:
+    """A rank-k query gradient is turned dense once, for good, when a dense form is cheaper and fits in memory."""
     P = preconditioned[name]
     if not isinstance(P, LowRank) or per_token:
         return P
     B, T, O = shape_BTO
     Q, _, K = P.left_QOK.shape
-    low_rank_flops = Q * B * T * K * (O + I)
-    dense_flops = B * T * O * I + Q * B * O * I
-    if dense_flops < low_rank_flops and Q * O * I <= _DENSE_QUERY_ELEMENTS:
+    costs = contraction_costs(Q, B, T, B * T if N is None else N, O, I, K)
+    if min(costs, key=costs.get) != "rank" and Q * O * I <= _DENSE_QUERY_ELEMENTS:
         preconditioned[name] = P = P.dense()
     return P
 
@@ -149,13 +228,17 @@ class BatchScorer:
     def add(self, item) -> list[BatchScores]:
         """Score a `passes.BatchCapture`; the sign flips here: ∇log p(z) = −∇L(z), the kernels ran on g = ∂L/∂s."""
         per_layer, tokens, grouped = {}, None, {}
+        mask_BT = getattr(item, "mask", None)
+        N = item.num_tokens
         for name in self.names:
             g_BTO, a_BTI = item.grads[name].to(self.dtype), item.acts[name].to(self.dtype)
-            P = scoring_form(self.P, name, g_BTO.shape, a_BTI.shape[-1], self.per_token)
-            if isinstance(P, Tensor) and not self.per_token and _groupable(g_BTO, a_BTI, len(self.names)):
-                grouped[name] = (g_BTO, a_BTI)
+            trimmed_BTO, trimmed_BTI = trimmed(g_BTO, a_BTI, mask_BT)
+            P = scoring_form(self.P, name, trimmed_BTO.shape, a_BTI.shape[-1], self.per_token, N)
+            form = choose_form(P, g_BTO.shape[0], trimmed_BTO.shape[1], N, per_token=self.per_token)
+            if form == "sequences" and _groupable(trimmed_BTO, trimmed_BTI, len(self.names)):
+                grouped[name] = (trimmed_BTO, trimmed_BTI)
                 continue
-            score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=self.per_token)
+            score_QB, tokens_QBT = layer_scores(P, g_BTO, a_BTI, per_token=self.per_token, mask_BT=mask_BT, form=form)
             per_layer[name] = -score_QB.cpu()
             if tokens_QBT is not None:
                 tokens = -tokens_QBT if tokens is None else tokens - tokens_QBT

@@ -182,9 +182,18 @@ def test_per_token_scores_equal_autograd_position_by_position(llama_case, strate
     assert_close(result.scores, H_grads_QP @ case["sequence_grads_NP"].T, **EXACT)
 
 
-@pytest.mark.parametrize("strategy", ["identity", "ekfac"])
-def test_per_layer_scores_equal_each_layers_autograd_reference(llama_case, strategy):
-    """per_layer[ℓ][q, n] = ∇_ℓ f_qᵀ H_ℓ ∇_ℓ log p(z_n), H_ℓ = I (identity) or the dense EK-FAC inverse."""
+@pytest.mark.parametrize("strategy, form", [("identity", None), ("ekfac", None), ("ekfac", "sequences"),
+                                            ("ekfac", "tokens")])
+def test_per_layer_scores_equal_each_layers_autograd_reference(llama_case, strategy, form, monkeypatch):
+    """per_layer[ℓ][q, n] = ∇_ℓ f_qᵀ H_ℓ ∇_ℓ log p(z_n), H_ℓ = I (identity) or the dense EK-FAC inverse.
+
+    form: the cost model's choice, or one contraction form forced on every layer and batch (the
+    batches are padded on the left and on the right: the token form packs the real tokens).
+    """
+    import ekfac_influence.scores as kernels
+
+    if form is not None:
+        monkeypatch.setattr(kernels, "choose_form", lambda *args, **kwargs: form)
     case = llama_case
     factors = fit(case["model"], case["train"], strategy)
     result = scores(case["model"], factors, case["queries"], case["train"], per_layer=True)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import char_sequences, correlation, lm_batches, make_llama, query_batches, train_lm
 from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
 
 import ekfac_influence as ei
 from ekfac_influence.precondition import LowRank, compress
-from ekfac_influence.scores import dense_sequence_scores, dense_token_scores, layer_scores, low_rank_token_scores
+from ekfac_influence.scores import (choose_form, contraction_costs, dense_sequence_scores, dense_token_scores, layer_scores,
+                                    low_rank_token_scores, scoring_form)
 
 QUERIES = [("the assert statement", " raises assertionerror"), ("def f(x):", " return x"),
            ("a for loop", " iterates over"), ("the import statement", " loads a module"), ("x = [1, 2]", " a list")]
@@ -59,6 +61,80 @@ def test_score_kernels_agree_with_each_other():
     for per_token in (False, True):
         assert_close(layer_scores(low_rank, d, a, per_token=per_token)[0], reference)
         assert_close(layer_scores(P, d, a, per_token=per_token)[0], reference)
+
+
+def padded_case(Q: int = 3, B: int = 4, T: int = 7, O: int = 5, I: int = 4):
+    """Random d, ā zero on padding (sequence 1 left-padded by 2, sequence 2 right-padded by 3, sequence 3 empty
+    but for one token), a dense P [Q, O, I] and the same P as an exact rank-I factorisation (P · I_I)."""
+    generator = torch.Generator().manual_seed(1)
+    mask_BT = torch.ones(B, T, dtype=torch.bool)
+    mask_BT[1, :2] = False
+    mask_BT[2, -3:] = False
+    mask_BT[3, :] = False
+    mask_BT[3, 3] = True
+    d = torch.randn(B, T, O, generator=generator, dtype=torch.float64) * mask_BT[..., None]
+    a = torch.randn(B, T, I, generator=generator, dtype=torch.float64) * mask_BT[..., None]
+    P = torch.randn(Q, O, I, generator=generator, dtype=torch.float64)
+    exact = LowRank(P.clone(), torch.eye(I, dtype=torch.float64).expand(Q, I, I).clone())
+    return d, a, mask_BT, P, exact
+
+
+@pytest.mark.parametrize("form", ["sequences", "tokens", "rank"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_every_contraction_form_gives_the_reference_scores_on_padded_batches(form, per_token):
+    """score_QB = Σ_t d_tᵀ P ā_t and token_QBT = d_tᵀ P ā_t (written out as one einsum), whichever form contracts
+    them, with the padding skipped (packed tokens, trimmed positions); the old unpacked kernels agree too."""
+    d, a, mask_BT, P, exact = padded_case()
+    reference_QBT = torch.einsum("bto,qoi,bti->qbt", d, P, a)
+    if form == "sequences" and per_token:
+        with pytest.raises(ValueError, match="per-token"):
+            layer_scores(P, d, a, per_token=True, mask_BT=mask_BT, form=form)
+        return
+    with FlopCounterMode(display=False) as counted:
+        score_QB, tokens_QBT = layer_scores(exact if form == "rank" else P, d, a, per_token=per_token, mask_BT=mask_BT,
+                                            form=form)
+    (Q, O, I), (B, T), N = P.shape, mask_BT.shape, int(mask_BT.sum())
+    assert counted.get_total_flops() == 2 * contraction_costs(Q, B, T, N, O, I, I)[form]  # the cost model's count
+    assert_close(score_QB, reference_QBT.sum(-1))
+    if per_token:
+        assert_close(tokens_QBT, reference_QBT)
+        assert tokens_QBT[~mask_BT.expand_as(tokens_QBT)].abs().max() == 0
+    assert_close(dense_sequence_scores(P, d, a), reference_QBT.sum(-1))
+    assert_close(dense_token_scores(P, d, a), reference_QBT)
+    assert_close(low_rank_token_scores(exact, d, a), reference_QBT)
+
+
+def test_a_form_that_does_not_apply_to_the_query_gradients_is_refused():
+    d, a, mask_BT, P, exact = padded_case()
+    with pytest.raises(ValueError, match="does not apply"):
+        layer_scores(P, d, a, per_token=False, mask_BT=mask_BT, form="rank")
+    with pytest.raises(ValueError, match="does not apply"):
+        layer_scores(exact, d, a, per_token=False, mask_BT=mask_BT, form="tokens")
+
+
+@pytest.mark.parametrize("Q, N, per_token, low_rank, expected", [
+    (16, 8 * 128, False, False, "sequences"),  # many queries share the per-sequence gradients
+    (1, 8 * 128, False, False, "tokens"),  # one query: d_tᵀ (P ā_t) skips forming D
+    (16, 40, False, False, "tokens"),  # a batch that is mostly padding: only its 40 real tokens are worked on
+    (16, 8 * 128, True, False, "tokens"),  # per-token scores need a token form
+    (2, 8 * 128, False, True, "rank"),  # two queries at rank 4
+], ids=["16 queries", "1 query", "mostly padding", "per token", "rank k"])
+def test_the_cost_model_chooses_each_form_where_it_is_cheapest(Q, N, per_token, low_rank, expected):
+    """Shapes of the engine benchmark's gate projection (O × I = 512 × 128), a batch of 8 × 128 positions."""
+    P = LowRank(torch.zeros(Q, 512, 4), torch.zeros(Q, 128, 4)) if low_rank else torch.zeros(Q, 512, 128)
+    assert choose_form(P, 8, 128, N, per_token=per_token) == expected
+    costs = contraction_costs(Q, 8, 128, N, 512, 128, 4 if low_rank else None)
+    if not per_token:
+        assert costs[expected] == min(costs.values())
+
+
+def test_a_rank_k_query_set_is_made_dense_only_where_a_dense_form_is_cheaper():
+    """128 queries at rank 32 on 512 × 128: Q·B·T·K·(O + I) > B·T·O·I + Q·B·O·I, dense wins; 2 queries at rank 4 do not."""
+    many = {"layer": LowRank(torch.randn(128, 512, 32), torch.randn(128, 128, 32))}
+    assert isinstance(scoring_form(many, "layer", (8, 128, 512), 128, False), torch.Tensor)
+    assert isinstance(many["layer"], torch.Tensor)  # for good
+    few = {"layer": LowRank(torch.randn(2, 512, 4), torch.randn(2, 128, 4))}
+    assert isinstance(scoring_form(few, "layer", (8, 128, 512), 128, False), LowRank)
 
 
 def test_rank_k_compression_keeps_the_top_singular_directions():
