@@ -31,6 +31,7 @@ from .storage import sha256_file, staged_directory
 READ_CHUNK_BYTES = 1 << 24  # provenance.jsonl is scanned for line starts this many bytes at a time
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
 TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE, MANIFEST_FILE = "tokens.bin", "lengths.bin", "provenance.jsonl", "manifest.json"
+OFFSETS_FILE = "provenance.offsets"  # int64 byte offset of each provenance line, read as a memory map
 
 
 class DataError(ValueError):
@@ -208,9 +209,9 @@ class PackedCorpus:
         with staged_directory(path, overwrite=overwrite, error=DataError) as tmp:
             np.ascontiguousarray(self.tokens_NT, dtype=np.int32).tofile(tmp / TOKENS_FILE)
             np.asarray(self.lengths_N, dtype=np.int32).tofile(tmp / LENGTHS_FILE)
-            with open(tmp / PROVENANCE_FILE, "w") as handle:
+            with open(tmp / PROVENANCE_FILE, "wb") as handle, open(tmp / OFFSETS_FILE, "wb") as offsets:
                 for n, pieces in enumerate(self.provenance):
-                    handle.write(json.dumps({"sequence": n, "length": int(self.lengths_N[n]), "pieces": pieces}) + "\n")
+                    _write_provenance(handle, offsets, n, int(self.lengths_N[n]), pieces)
             self.corpus_id = _write_manifest(tmp, len(self), self.length, self.pad_token_id, self.tokenizer_id, self.meta)
 
     @classmethod
@@ -229,20 +230,25 @@ class PackedCorpus:
                             f"is {tokenizer_id}); pack it again with this model's tokenizer")
         N, T = manifest["num_sequences"], manifest["length"]
         tokens = np.memmap(path / TOKENS_FILE, dtype=np.int32, mode="r", shape=(N, T))
-        lengths = np.fromfile(path / LENGTHS_FILE, dtype=np.int32).astype(np.int64)
-        return cls(tokens, lengths, ProvenanceFile(path / PROVENANCE_FILE, N), manifest["pad_token_id"],
+        lengths = np.memmap(path / LENGTHS_FILE, dtype=np.int32, mode="r", shape=(N,))
+        offsets = path / OFFSETS_FILE if OFFSETS_FILE in manifest["checksums"] else None  # older corpora: scanned
+        return cls(tokens, lengths, ProvenanceFile(path / PROVENANCE_FILE, N, offsets), manifest["pad_token_id"],
                    manifest["tokenizer_id"], manifest["corpus_id"], manifest.get("meta", {}))
 
 
 class ProvenanceFile(Sequence):
-    """provenance.jsonl read on demand: only each line's byte offset is held (8 bytes per sequence).
+    """provenance.jsonl read on demand, each line found by its byte offset (a memory map of OFFSETS_FILE).
 
     A corpus of 10 million sequences would take gigabytes as Python lists of dicts; the query stage
-    needs the provenance of its few dozen top sequences.
+    needs the provenance of its few dozen top sequences. A corpus packed before the offsets file
+    existed has its offsets found by one scan and held in memory (8 bytes per sequence).
     """
 
-    def __init__(self, path: Path, count: int):
+    def __init__(self, path: Path, count: int, offsets: Path | None = None):
         self.path = Path(path)
+        if offsets is not None:
+            self.offsets = np.memmap(offsets, dtype=np.int64, mode="r", shape=(count,))
+            return
         starts = [np.zeros(1, dtype=np.int64)]
         with open(self.path, "rb") as handle:
             offset = 0
@@ -307,19 +313,26 @@ def pack_to_disk(documents: Iterable[tuple[str, str]], tokenizer, path, *, lengt
     with staged_directory(path, overwrite=overwrite, error=DataError) as tmp:
         count = 0
         with open(tmp / TOKENS_FILE, "wb") as tokens, open(tmp / LENGTHS_FILE, "wb") as lengths, \
-                open(tmp / PROVENANCE_FILE, "w") as prov:
+                open(tmp / PROVENANCE_FILE, "wb") as prov, open(tmp / OFFSETS_FILE, "wb") as offsets:
             for ids, real, pieces in _packed_rows(documents, tokenizer, length, add_eos, separate_documents,
                                                   show_progress, total):
                 tokens.write(np.asarray(ids, dtype=np.int32).tobytes())
                 lengths.write(np.int32(real).tobytes())
-                prov.write(json.dumps({"sequence": count, "length": real, "pieces": pieces}) + "\n")
+                _write_provenance(prov, offsets, count, real, pieces)
                 count += 1
         _write_manifest(tmp, count, length, pad_token_id(tokenizer), tokenizer_id(tokenizer), meta or {})
     return PackedCorpus.load(path)
 
 
+def _write_provenance(lines, offsets, n: int, length: int, pieces: list[dict]) -> None:
+    """One provenance line (binary file), its byte offset appended to the offsets file."""
+    offsets.write(np.int64(lines.tell()).tobytes())
+    lines.write((json.dumps({"sequence": n, "length": length, "pieces": pieces}) + "\n").encode())
+
+
 def _write_manifest(directory: Path, count: int, length: int, pad_id: int, tokenizer_hash: str, meta: dict) -> str:
-    checksums = {name: sha256_file(directory / name) for name in (TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE)}
+    names = (TOKENS_FILE, LENGTHS_FILE, PROVENANCE_FILE, OFFSETS_FILE)
+    checksums = {name: sha256_file(directory / name) for name in names}
     corpus_id = corpus_hash(checksums[TOKENS_FILE], count, length)
     manifest = {"kind": "ekfac_influence.corpus", "num_sequences": count, "length": length, "pad_token_id": pad_id,
                 "tokenizer_id": tokenizer_hash, "corpus_id": corpus_id, "checksums": checksums, "meta": meta}

@@ -140,7 +140,7 @@ def fact_batches(tokenizer, model: nn.Module, facts: Sequence[Fact], rows_per_ba
 def corpus_batches(corpus: PackedCorpus, batch_size: int) -> list[dict]:
     """The packed sequences in order as {input_ids, attention_mask} batches."""
     ids_NT = torch.from_numpy(np.asarray(corpus.tokens_NT).astype("int64"))
-    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(np.asarray(corpus.lengths_N))[:, None]).long()
+    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(np.asarray(corpus.lengths_N, dtype=np.int64))[:, None]).long()
     return [{"input_ids": ids_NT[i : i + batch_size], "attention_mask": mask_NT[i : i + batch_size]}
             for i in range(0, len(ids_NT), batch_size)]
 

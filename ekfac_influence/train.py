@@ -102,7 +102,7 @@ def train_lm(model: nn.Module, tokens_NT: np.ndarray, lengths_N: np.ndarray, con
              indices: Sequence[int] | None = None, log: Callable[[str], None] | None = None) -> float:
     """Train on the packed sequences (only `indices`, in the order of the whole corpus); the last epoch's mean loss."""
     ids_NT = torch.from_numpy(np.asarray(tokens_NT).astype("int64"))
-    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(np.asarray(lengths_N))[:, None]).long()
+    mask_NT = (torch.arange(ids_NT.shape[1])[None] < torch.from_numpy(np.asarray(lengths_N, dtype=np.int64))[:, None]).long()
     count = len(ids_NT) if indices is None else len(np.unique(np.asarray(indices)))
     per_epoch = math.ceil(count / config.batch_size)
     steps = config.steps if config.steps is not None else config.epochs * per_epoch

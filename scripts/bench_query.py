@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 
 import ekfac_influence as ei
@@ -50,7 +51,7 @@ def build(args):
 
 def batches(corpus, size: int, device: str) -> list[dict]:
     ids = torch.from_numpy(corpus.tokens_NT.astype("int64"))
-    mask = (torch.arange(ids.shape[1])[None] < torch.from_numpy(corpus.lengths_N)[:, None]).long()
+    mask = (torch.arange(ids.shape[1])[None] < torch.from_numpy(np.asarray(corpus.lengths_N, dtype=np.int64))[:, None]).long()
     return [{"input_ids": ids[i : i + size].to(device), "attention_mask": mask[i : i + size].to(device)}
             for i in range(0, len(ids), size)]
 

@@ -64,6 +64,28 @@ def test_packing_to_disk_equals_packing_in_memory_and_round_trips(tmp_path):
         pack_to_disk(DOCS, tokenizer, tmp_path / "corpus", length=16)
 
 
+def test_a_loaded_corpus_holds_nothing_per_sequence_outside_memory_maps(tmp_path):
+    """Lengths and the provenance lines' offsets are memory maps (issue 18: 10 million sequences); a corpus
+    packed before the offsets file existed still loads, its offsets found by a scan."""
+    tokenizer = bpe_tokenizer()
+    memory = pack(DOCS * 5, tokenizer, length=8)
+    memory.save(tmp_path / "saved")
+    pack_to_disk(DOCS * 5, tokenizer, tmp_path / "streamed", length=8)
+    for name in ("saved", "streamed"):
+        loaded = PackedCorpus.load(tmp_path / name)
+        assert isinstance(loaded.tokens_NT, np.memmap) and isinstance(loaded.lengths_N, np.memmap)
+        assert isinstance(loaded.provenance.offsets, np.memmap)
+        assert [loaded.provenance[n] for n in range(len(loaded))[::-1]] == memory.provenance[::-1]
+        np.testing.assert_array_equal(loaded.lengths_N, memory.lengths_N)
+    old = tmp_path / "saved"
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["checksums"]["provenance.offsets"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "provenance.offsets").unlink()
+    loaded = PackedCorpus.load(old)
+    assert not isinstance(loaded.provenance.offsets, np.memmap) and list(loaded.provenance) == memory.provenance
+
+
 def test_a_packed_corpus_refuses_another_tokenizer_and_a_corrupted_file(tmp_path):
     tokenizer = bpe_tokenizer()
     pack(DOCS, tokenizer, length=16).save(tmp_path / "corpus")
