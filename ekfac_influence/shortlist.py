@@ -228,13 +228,15 @@ class ShortlistIndex:
     """
 
     def __init__(self, *, weighting: str, k1: float | None, num_sequences: int, vocab_size: int,
-                 indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, idf: np.ndarray,
+                 indptr: np.ndarray, indices: np.ndarray, idf: np.ndarray, data: np.ndarray | None = None,
                  tokenizer_id: str | None = None, corpus_id: str | None = None):
+        """data: tfidf's weight of each (term, sequence) pair; bm25 keeps one weight per term instead."""
         self.weighting, self.k1 = weighting, k1
         self.num_sequences, self.vocab_size = int(num_sequences), int(vocab_size)
-        self.indptr, self.indices, self.data, self.idf = indptr, indices, data, idf
+        self.indptr, self.indices, self.idf = indptr, indices, idf
+        self._pair_weights = data
+        self.term_weights = _bm25_term_weights(idf, k1) if weighting == "bm25" else None
         self.tokenizer_id, self.corpus_id = tokenizer_id, corpus_id
-        self._postings_VN = sp.csr_array((data, indices, indptr), shape=(self.vocab_size, self.num_sequences))
 
     @classmethod
     def build(cls, token_sequences: Iterable[Sequence[int]], *, weighting: str = "bm25", k1: float = 1.5,
@@ -270,8 +272,6 @@ class ShortlistIndex:
         doc_freq = np.pad(doc_freq, (0, vocab - doc_freq.size))
         idf = (tfidf_idf if tfidf else bm25_idf)(doc_freq, num_sequences)
         indptr, indices, data = _term_major(segments, doc_freq, idf if tfidf else None)
-        if not tfidf:  # presence only: a pair's weight is its term's, set once the segments are gone
-            data = np.repeat(_bm25_term_weights(idf, k1), doc_freq)
         return cls(weighting=weighting, k1=None if tfidf else float(k1), num_sequences=num_sequences,
                    vocab_size=vocab, indptr=indptr, indices=indices, data=data, idf=idf,
                    tokenizer_id=tokenizer_id, corpus_id=corpus_id)
@@ -292,6 +292,13 @@ class ShortlistIndex:
     def doc_freq(self) -> np.ndarray:
         """n_t: how many sequences contain each token, int [V]."""
         return np.diff(self.indptr)
+
+    @property
+    def data(self) -> np.ndarray:
+        """Each (term, sequence) pair's weight, float32 [nnz] (bm25: its term's, expanded on request)."""
+        if self._pair_weights is not None:
+            return self._pair_weights
+        return np.repeat(self.term_weights, self.doc_freq)
 
     @property
     def weights(self) -> sp.csc_array:
@@ -324,11 +331,28 @@ class ShortlistIndex:
         scores_QK = np.empty((num_queries, top), dtype=np.float32)
         block = max(1, SCORE_BLOCK_ELEMENTS // self.num_sequences)
         for start in range(0, num_queries, block):
-            scores_BN = (queries_QV[start:start + block] @ self._postings_VN).toarray()
+            scores_BN = self._scores(queries_QV[start:start + block])
             for b, scores_N in enumerate(scores_BN):
                 ids_QK[start + b] = _top_k(scores_N, top)
                 scores_QK[start + b] = scores_N[ids_QK[start + b]]
         return ids_QK, scores_QK
+
+    def _scores(self, queries_BV: sp.csr_array) -> np.ndarray:
+        """Dense [B, N] float32 scores, Σ over each query's terms of its weight × each posting's weight.
+
+        One term at a time through the (memory-mapped) postings: nothing sized by the corpus is held
+        but the scores themselves; terms in ascending order, as the sparse product adds them.
+        """
+        scores_BN = np.zeros((queries_BV.shape[0], self.num_sequences), dtype=np.float32)
+        for b in range(queries_BV.shape[0]):
+            row = slice(queries_BV.indptr[b], queries_BV.indptr[b + 1])
+            for term, weight in zip(queries_BV.indices[row], queries_BV.data[row]):
+                start, end = self.indptr[term], self.indptr[term + 1]
+                if self._pair_weights is None:
+                    scores_BN[b, self.indices[start:end]] += weight * self.term_weights[term]
+                else:
+                    scores_BN[b, self.indices[start:end]] += weight * self._pair_weights[start:end]
+        return scores_BN
 
     def _query_matrix(self, queries: Iterable[Sequence[int]], query_counts: bool = True) -> sp.csr_array:
         """Queries as a [Q, V] float32 CSR matrix of term weights (see the module docstring)."""
@@ -409,8 +433,6 @@ class ShortlistIndex:
         arrays = {name[:-4]: _read_array(path, name, manifest["checksums"]) for name in expected}
         num_sequences, vocab, nnz = manifest["num_sequences"], manifest["vocab_size"], manifest["nnz"]
         _check_structure(path, arrays, num_sequences, vocab, nnz)
-        if manifest["weighting"] == "bm25":
-            arrays["data"] = np.repeat(_bm25_term_weights(arrays["idf"], manifest["k1"]), np.diff(arrays["indptr"]))
         return cls(weighting=manifest["weighting"], k1=manifest["k1"], num_sequences=num_sequences, vocab_size=vocab,
                    tokenizer_id=manifest.get("tokenizer_id"), corpus_id=manifest.get("corpus_id"), **arrays)
 

@@ -159,7 +159,8 @@ def main() -> None:
     segment_mib = (24 if args.weighting == "bm25" else 48) * shortlist.SEGMENT_PAIRS / 2**20  # tfidf: float64 weights too
     chunk_mib = 40 * chunk_size * args.length / 2**20
     bound_mib = baseline_mib + (bytes_per_nnz * nnz + 16 * (args.sequences + args.vocab)) / 2**20 + segment_mib + chunk_mib
-    resident_mib = (index.indices.nbytes + index.data.nbytes + index.indptr.nbytes + index.idf.nbytes) / 2**20
+    weights = index.term_weights if index.weighting == "bm25" else index.data  # bm25: one weight per term
+    resident_mib = (index.indices.nbytes + weights.nbytes + index.indptr.nbytes + index.idf.nbytes) / 2**20
     print(f"\nbuild: {build_s:.1f} s in all, {clock[0]:.1f} s of it generating the corpus; index {index_s:.1f} s = "
           f"{args.sequences / index_s:,.0f} sequences/s ({args.sequences * args.length / index_s / 1e6:.1f} M tokens/s)")
     print(f"index: nnz {nnz:,} ({nnz / args.sequences:.1f} distinct tokens per sequence), in memory {resident_mib:,.0f} MiB")

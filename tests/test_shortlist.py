@@ -257,6 +257,10 @@ def test_a_saved_and_loaded_index_gives_identical_search_results(tmp_path, weigh
     files = {"indptr.npy", "indices.npy", "idf.npy"} | ({"data.npy"} if weighting == "tfidf" else set())
     assert set(manifest["checksums"]) == files
     assert [p.name for p in tmp_path.iterdir()] == ["index"]  # no temporary directory left behind
+    # nothing sized by the corpus is read into memory (issue 18): the postings are memory maps, and bm25
+    # keeps one weight per term, not one per (term, sequence) pair
+    assert isinstance(loaded.indices, np.memmap) and isinstance(loaded.indptr, np.memmap)
+    assert (loaded._pair_weights is None) == (weighting == "bm25")
 
 
 def test_saving_over_an_existing_index_is_refused_unless_overwrite(tmp_path):
