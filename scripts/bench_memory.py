@@ -91,7 +91,8 @@ def synthetic_corpus(path: Path, tokenizer_dir: Path, num_sequences: int, length
     """N sequences of Zipf-distributed token ids (lengths length/2..length) written as a packed corpus, chunk by chunk."""
     from transformers import AutoTokenizer
 
-    from ekfac_influence.data import LENGTHS_FILE, PROVENANCE_FILE, TOKENS_FILE, _write_manifest, pad_token_id, tokenizer_id
+    from ekfac_influence.data import (LENGTHS_FILE, OFFSETS_FILE, PROVENANCE_FILE, TOKENS_FILE, _write_manifest,
+                                      pad_token_id, tokenizer_id)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vocab, pad = len(tokenizer), pad_token_id(tokenizer)
@@ -103,7 +104,7 @@ def synthetic_corpus(path: Path, tokenizer_dir: Path, num_sequences: int, length
         shutil.rmtree(path)
     path.mkdir(parents=True)
     with open(path / TOKENS_FILE, "wb") as tokens, open(path / LENGTHS_FILE, "wb") as lengths, \
-            open(path / PROVENANCE_FILE, "w") as provenance:
+            open(path / PROVENANCE_FILE, "wb") as provenance, open(path / OFFSETS_FILE, "wb") as offsets:
         for first in range(0, num_sequences, chunk):
             n = min(chunk, num_sequences - first)
             ids_nT = ranks[rng.choice(vocab - 1, size=(n, length), p=p_V)].astype(np.int32)
@@ -111,9 +112,12 @@ def synthetic_corpus(path: Path, tokenizer_dir: Path, num_sequences: int, length
             ids_nT[np.arange(length)[None, :] >= real_n[:, None]] = pad
             tokens.write(ids_nT.tobytes())
             lengths.write(real_n.tobytes())
-            provenance.write("".join(json.dumps({"sequence": first + i, "length": int(real_n[i]), "pieces": [
+            lines = [(json.dumps({"sequence": first + i, "length": int(real_n[i]), "pieces": [
                 {"doc": f"synthetic-{first + i}", "row": first + i, "token_span": [0, int(real_n[i])],
-                 "char_span": [0, 0]}]}) + "\n" for i in range(n)))
+                 "char_span": [0, 0]}]}) + "\n").encode() for i in range(n)]
+            starts = provenance.tell() + np.concatenate([[0], np.cumsum([len(line) for line in lines])[:-1]])
+            offsets.write(starts.astype(np.int64).tobytes())
+            provenance.write(b"".join(lines))
     _write_manifest(path, num_sequences, length, pad, tokenizer_id(tokenizer),
                     {"corpus": corpus_config, "source": {"sha256": f"synthetic-{num_sequences}-{seed}", "files": []}})
 
