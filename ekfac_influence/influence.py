@@ -86,14 +86,9 @@ def _preconditioned_by_owners(model, layers: list[TrackedLayer], factors: Factor
     to every process. No process holds another's factors; besides its own batches' gradients, a
     process holds one layer's gradients of all queries at a time.
     """
-    if distributed.lockstep():
-        require_reiterable(query_batches, "query_batches (with a sharded model)")
-    local = {}
-    for item in capture_pass(model, layers, query_batches, objective, loss="measurement", desc="query gradients",
-                             show_progress=show_progress):
-        grads = {layer.name: sequence_gradients(at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]))
-                 for layer in layers}
-        local[item.index] = grads if combine is None else _combined(grads, combine[item.index])
+    local = _local_query_gradients(model, layers, query_batches, objective,
+                                   lambda grads, i: grads if combine is None else _combined(grads, combine[i]),
+                                   show_progress=show_progress)
     device, out = device_of(model), {}
     for layer in layers:
         merged = distributed.gather_tensors_by_key({i: (None, [grads.pop(layer.name)]) for i, grads in local.items()},
@@ -112,13 +107,9 @@ def _preconditioned_by_owners(model, layers: list[TrackedLayer], factors: Factor
     return out
 
 
-def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
-                   *, show_progress: bool) -> dict:
-    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order.
-
-    The results ({layer: dense tensor or LowRank}) travel as tensors (broadcast from their process),
-    never pickled: dense query gradients of a large model are gigabytes.
-    """
+def _local_query_gradients(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
+                           *, show_progress: bool) -> dict:
+    """{batch index: finish({layer: ∇f_QOI}, batch index)} for this process's share of the query batches."""
     if distributed.lockstep():
         require_reiterable(query_batches, "query_batches (with a sharded model)")
     local = {}
@@ -127,6 +118,17 @@ def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, o
         grads = {layer.name: sequence_gradients(at_least_float32(item.grads[layer.name]), at_least_float32(item.acts[layer.name]))
                  for layer in layers}
         local[item.index] = finish(grads, item.index)
+    return local
+
+
+def _split_queries(model, layers: list[TrackedLayer], query_batches: Iterable, objective: Objective, finish,
+                   *, show_progress: bool) -> dict:
+    """finish({layer: V_QOI}, batch index) for this process's share of the query batches, gathered in order.
+
+    The results ({layer: dense tensor or LowRank}) travel as tensors (broadcast from their process),
+    never pickled: dense query gradients of a large model are gigabytes.
+    """
+    local = _local_query_gradients(model, layers, query_batches, objective, finish, show_progress=show_progress)
     names = [layer.name for layer in layers]
     flat = {index: ([isinstance(result[n], LowRank) for n in names], [t for n in names for t in _tensors(result[n])])
             for index, result in local.items()}
