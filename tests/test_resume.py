@@ -59,8 +59,12 @@ def project(tmp_path_factory):
     return root
 
 
-def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 600) -> int:
-    """SIGKILL the process once `progress` (a checkpoint's JSON) says at least `at_batch` batches are done."""
+def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 600, *,
+              group: bool = False) -> int:
+    """SIGKILL the process once `progress` (a checkpoint's JSON) says at least `at_batch` batches are done.
+
+    group: also every process below it (a launcher's workers, in their own sessions).
+    """
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
@@ -70,8 +74,14 @@ def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout:
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             done = 0
         if done >= at_batch:
-            process.send_signal(signal.SIGKILL)
+            for pid in [process.pid, *(descendants(process.pid) if group else [])]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             process.wait()
+            if group:
+                time.sleep(0.5)  # the workers' exits
             return done
         time.sleep(0.002)
     process.kill()
@@ -144,27 +154,7 @@ def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_pr
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
               "ekfac_influence", "fit", "--config", "two.yaml", "--quiet"]
     process = subprocess.Popen(niced(launch), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    progress = project / run / "factors.partial" / "covariances.rank1.json"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail("the 2-process fit ended before it could be killed")
-        try:
-            reached = json.loads(progress.read_text())["next_batch"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            reached = 0
-        if reached >= 6:
-            for pid in [process.pid, *descendants(process.pid)]:  # the launcher and its workers (own sessions)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            process.wait()
-            time.sleep(0.5)
-            break
-        time.sleep(0.002)
-    else:
-        pytest.fail("the 2-process fit never reached batch 6")
+    reached = kill_when(process, project / run / "factors.partial" / "covariances.rank1.json", at_batch=6, group=True)
     assert not (project / run / "factors").exists()
     state = {f.name: json.loads(f.read_text()).get("next_batch") for f in (project / run / "factors.partial").glob("*.json")}
     assert "covariances.done.json" not in state, state  # killed in the middle of the covariance pass
@@ -195,27 +185,7 @@ def test_a_sharded_two_process_fit_killed_in_its_correction_pass_resumes_to_the_
                 "ekfac_influence", stage, "--config", "sharded.yaml", "--quiet"]
 
     process = subprocess.Popen(niced(launch("fit")), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    progress = project / run / "factors.partial" / "correction.rank1.json"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail("the sharded fit ended before it could be killed")
-        try:
-            reached = json.loads(progress.read_text())["next_batch"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            reached = 0
-        if reached >= 4:
-            for pid in [process.pid, *descendants(process.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            process.wait()
-            time.sleep(0.5)
-            break
-        time.sleep(0.002)
-    else:
-        pytest.fail("the sharded fit never reached batch 4 of its correction pass")
+    kill_when(process, project / run / "factors.partial" / "correction.rank1.json", at_batch=4, group=True)
     assert not (project / run / "factors").exists()
     saved = {f.name for f in (project / run / "factors.partial").glob("*.json")}
     assert {"covariances.owned.rank0.json", "covariances.owned.rank1.json"} <= saved, saved
