@@ -166,17 +166,28 @@ def run_demo(config: RunConfig | None = None, *, quick: bool = False, overwrite:
 
 
 def _claim(out: Path, overwrite: bool) -> None:
-    """Refuse a finished demo without --overwrite; never delete a directory that is not a demo run."""
+    """Refuse a finished demo without --overwrite; never delete a directory that is not a demo run.
+
+    The main process decides for all: it deletes while the others might still be looking.
+    """
+    refusal, restart = distributed.broadcast_object(_claim_verdict(out, overwrite) if distributed.is_main() else None)
+    if refusal:
+        raise StorageError(refusal)
+    if restart:
+        if distributed.is_main():
+            shutil.rmtree(out)  # a demo run, finished (with --overwrite) or interrupted: start afresh
+        distributed.barrier()
+
+
+def _claim_verdict(out: Path, overwrite: bool) -> tuple[str | None, bool]:
+    """(why `out` is refused, or None; whether to delete it first)."""
     if not out.exists() or not any(out.iterdir()):
-        return
-    is_demo = (out / "data" / "pydoc_topics.jsonl").exists()
+        return None, False
     if (out / "summary.json").exists() and not overwrite:
-        raise StorageError(f"{out} already holds a finished demo; pass --overwrite or choose another --out")
-    if not is_demo:
-        raise StorageError(f"{out} exists and is not a demo run; choose another --out")
-    if distributed.is_main():
-        shutil.rmtree(out)  # a demo run, finished (with --overwrite) or interrupted: start afresh
-    distributed.barrier()
+        return f"{out} already holds a finished demo; pass --overwrite or choose another --out", False
+    if not (out / "data" / "pydoc_topics.jsonl").exists():
+        return f"{out} exists and is not a demo run; choose another --out", False
+    return None, True
 
 
 def demo_documents(sizes: DemoConfig) -> list[tuple[str, str]]:

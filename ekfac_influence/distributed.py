@@ -261,6 +261,7 @@ def _all_gather_objects(value: Any) -> list:
 
 
 def broadcast_object(value: Any) -> Any:
+    """The main process's `value` on every process: for a decision all must take alike (the same collectives follow)."""
     if world() == 1:
         return value
     box = [value]

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import FactorConfig
-from .factors import (BlockDiagonal, Factors, LayerFactors, assign_owners, block_slices, blocked_covariance, damping_for,
-                      eigendecompose, factor_blocks, flatten_blocks, parts,
+from .factors import (BlockDiagonal, Factors, LayerFactors, add_covariance, assign_owners, block_slices, blocked_covariance,
+                      damping_for, eigendecompose, factor_blocks, flatten_blocks, parts,
                       rotated_sequence_gradients, sequence_gradients, unflatten_blocks)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, at_least_float32, batch_size
@@ -203,10 +203,10 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
         num_sequences += item.num_sequences
         num_tokens += item.num_tokens
         for layer in layers:
-            A_II = blocked_covariance(item.acts[layer.name].flatten(0, 1), factor_blocks(layer.in_dim, config), dtype)
-            S_OO = blocked_covariance(item.grads[layer.name].flatten(0, 1), factor_blocks(layer.out_features, config), dtype)
-            sums_A[layer.name] = A_II if sums_A[layer.name] is None else sums_A[layer.name] + A_II
-            sums_S[layer.name] = S_OO if sums_S[layer.name] is None else sums_S[layer.name] + S_OO
+            sums_A[layer.name] = add_covariance(sums_A[layer.name], item.acts[layer.name].flatten(0, 1),
+                                                factor_blocks(layer.in_dim, config), dtype)
+            sums_S[layer.name] = add_covariance(sums_S[layer.name], item.grads[layer.name].flatten(0, 1),
+                                                factor_blocks(layer.out_features, config), dtype)
         _save_partial(checkpoint, "covariances", item.index + 1, {"A": sums_A, "S": sums_S}, num_sequences, num_tokens)
     factors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model, factor_blocks(l.in_dim, config), dtype)
                 for l in layers]

@@ -76,7 +76,7 @@ def prepare_corpus(config: RunConfig, tokenizer, *, overwrite: bool = False, sho
     """
     path = Path(config.run) / CORPUS
     source = None
-    if path.exists():
+    if distributed.broadcast_object(path.exists()):  # the main process's answer: it may be packing the corpus meanwhile
         corpus = PackedCorpus.load(path)
         known = corpus.meta.get("source")
         if config.corpus.path and (config.corpus.path == "pydoc:topics" or Path(config.corpus.path).exists()):
@@ -340,7 +340,7 @@ def index(config: RunConfig, *, overwrite: bool = False, show_progress: bool = T
     check_corpus_length(config, model_context(config.model.path))
     corpus = prepare_corpus(config, tokenizer, overwrite=overwrite, show_progress=show_progress)
     path = Path(config.run) / INDEX
-    if path.exists() and not overwrite:
+    if distributed.broadcast_object(path.exists()) and not overwrite:  # the main process may be building it meanwhile
         try:
             existing = ShortlistIndex.load(path, tokenizer_id=corpus.tokenizer_id, corpus_id=corpus.corpus_id)
         except ShortlistError as error:

@@ -48,3 +48,29 @@ def test_the_quick_demo_runs_from_the_command_line_and_writes_a_complete_run(tmp
     assert refused.returncode == 2
     assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_demo_refuses_a_finished_run_and_a_foreign_directory_and_restarts_an_interrupted_one(tmp_path):
+    from ekfac_influence.demo import _claim
+    from ekfac_influence.storage import StorageError
+
+    _claim(tmp_path / "absent", overwrite=False)  # nothing there: nothing to do
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(StorageError, match="is not a demo run"):
+        _claim(foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / "data" / "pydoc_topics.jsonl").write_text("{}\n")
+    (demo / "summary.json").write_text("{}")
+    with pytest.raises(StorageError, match="already holds a finished demo"):
+        _claim(demo, overwrite=False)
+    assert (demo / "summary.json").exists()
+    _claim(demo, overwrite=True)
+    assert not demo.exists()
+    (demo / "data").mkdir(parents=True)
+    (demo / "data" / "pydoc_topics.jsonl").write_text("{}\n")  # interrupted: no summary yet
+    _claim(demo, overwrite=False)
+    assert not demo.exists()

@@ -103,3 +103,35 @@ def test_two_processes_fit_the_experts_of_a_mixture_of_experts_model_as_one_does
     for key, value in one.items():
         if key != "world":
             assert_close(two[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_a_late_second_process_meets_the_main_one_in_the_same_collectives(tmp_path):
+    """`index` under torchrun with the second process arriving 4 s late: by then the main process has packed
+    the corpus and built the index, and waits in the barrier after each. The late process takes the main
+    process's decisions instead of finding those files and skipping the barriers (which hung both: seen
+    in a 2-process fit under load)."""
+    import json
+
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import bpe_tokenizer
+    from ekfac_influence.demo import pydoc_documents
+
+    tokenizer = bpe_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(
+        tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with open(tmp_path / "corpus.jsonl", "w") as handle:
+        for topic, text in pydoc_documents()[:3]:
+            handle.write(json.dumps({"name": topic, "text": text[:2000]}) + "\n")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"run": str(tmp_path / "run"), "model": {"path": str(tmp_path / "model")},
+                                                       "corpus": {"path": str(tmp_path / "corpus.jsonl"), "length": 32}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               free_port(), str(WORKER.parent / "distributed_late_rank.py"), str(tmp_path / "run.yaml"), "4"],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "rank 0: done, 2 processes" in launched.stdout and "rank 1: done, 2 processes" in launched.stdout
+    assert (tmp_path / "run" / "index").is_dir()

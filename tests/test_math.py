@@ -206,6 +206,30 @@ def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factor
         assert b.damping == pytest.approx(a.damping, rel=1e-10)
 
 
+def test_running_covariance_sums_equal_the_dense_products_of_all_rows():
+    """`add_covariance` over batches (large factors as products of their halves, odd sizes, blocks, float32
+    products into float64 sums) equals xᵀx of all rows at once, computed in float64."""
+    from ekfac_influence.factors import BlockDiagonal, add_covariance
+
+    torch.manual_seed(0)
+    for X, blocks in ((7, 1), (301, 1), (600, 2), (513, 2)):
+        batches = [torch.randn(n, X) for n in (50, 1, 80)]
+        total = None
+        for x_NX in batches:
+            total = add_covariance(total, x_NX, blocks, torch.float64)
+        rows = torch.cat(batches).double()
+        dense = rows.T @ rows
+        if blocks > 1:
+            assert isinstance(total, BlockDiagonal)
+            half = round(X / 2)
+            assert [b.shape[0] for b in total.blocks] == [half, X - half]
+            dense[:half, half:] = 0
+            dense[half:, :half] = 0
+            total = total.dense()
+        assert total.dtype == torch.float64
+        torch.testing.assert_close(total, dense, rtol=1e-5, atol=1e-4, msg=f"X={X}, blocks={blocks}")
+
+
 def test_block_diagonal_factors_multiply_like_their_dense_matrix_and_are_stored_as_blocks(tmp_path):
     """Q @ x, x @ Q, Q.T, the rotations and preconditioning: equal to the dense block-diagonal matrix."""
     from ekfac_influence.factors import BlockDiagonal, blocked_covariance, eigendecompose

@@ -59,20 +59,19 @@ def project(tmp_path_factory):
     return root
 
 
-def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout: float = 600, *,
+def kill_when(process: subprocess.Popen, progress: Path | list[Path], at_batch: int, timeout: float = 600, *,
               group: bool = False) -> int:
-    """SIGKILL the process once `progress` (a checkpoint's JSON) says at least `at_batch` batches are done.
+    """SIGKILL the process once `progress` (a checkpoint's JSON, or each of several: one per process)
+    says the next batch to read is at least `at_batch`.
 
     group: also every process below it (a launcher's workers, in their own sessions).
     """
+    files = progress if isinstance(progress, list) else [progress]
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             pytest.fail(f"the process ended before it could be killed (its pass was shorter than {at_batch} batches?)")
-        try:
-            done = json.loads(progress.read_text())["next_batch"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            done = 0
+        done = min(next_batch(f) for f in files)
         if done >= at_batch:
             for pid in [process.pid, *(descendants(process.pid) if group else [])]:
                 try:
@@ -86,6 +85,13 @@ def kill_when(process: subprocess.Popen, progress: Path, at_batch: int, timeout:
         time.sleep(0.002)
     process.kill()
     pytest.fail(f"{progress} never reached batch {at_batch}")
+
+
+def next_batch(progress: Path) -> int:
+    try:
+        return json.loads(progress.read_text())["next_batch"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -154,7 +160,9 @@ def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_pr
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
               "ekfac_influence", "fit", "--config", "two.yaml", "--quiet"]
     process = subprocess.Popen(niced(launch), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    reached = kill_when(process, project / run / "factors.partial" / "covariances.rank1.json", at_batch=6, group=True)
+    # both processes have saved (each resumes from its own sums; the message is the main process's)
+    reached = kill_when(process, [project / run / "factors.partial" / f"covariances.rank{r}.json" for r in (0, 1)],
+                        at_batch=5, group=True)
     assert not (project / run / "factors").exists()
     state = {f.name: json.loads(f.read_text()).get("next_batch") for f in (project / run / "factors.partial").glob("*.json")}
     assert "covariances.done.json" not in state, state  # killed in the middle of the covariance pass
@@ -185,7 +193,8 @@ def test_a_sharded_two_process_fit_killed_in_its_correction_pass_resumes_to_the_
                 "ekfac_influence", stage, "--config", "sharded.yaml", "--quiet"]
 
     process = subprocess.Popen(niced(launch("fit")), cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    kill_when(process, project / run / "factors.partial" / "correction.rank1.json", at_batch=4, group=True)
+    kill_when(process, [project / run / "factors.partial" / f"correction.rank{r}.json" for r in (0, 1)], at_batch=4,
+              group=True)
     assert not (project / run / "factors").exists()
     saved = {f.name for f in (project / run / "factors.partial").glob("*.json")}
     assert {"covariances.owned.rank0.json", "covariances.owned.rank1.json"} <= saved, saved
