@@ -336,7 +336,8 @@ def _write(tmp: Path, out: Path, results: QueryResults, factors: Factors, tokeni
                 "fingerprint": factors.fingerprint, "strategy": factors.strategy, "tokenizer_id": tokenizer_id(tokenizer),
                 "corpus_id": corpus.corpus_id, "num_train_sequences": results.num_train_sequences,
                 "factors_corpus": dict(factors.meta.get("corpus") or {}, num_sequences=factors.num_sequences),
-                "layers": results.layer_names, "config": to_dict(config)}
+                "layers": results.layer_names, "config": to_dict(config),
+                "seconds": {step: round(value, 3) for step, value in results.seconds.items()}}  # wall time per step
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     for progress in [tmp / "key.json", *tmp.glob("scan.rank*"), *tmp.glob("refine.rank*")]:
         progress.unlink()

@@ -13,8 +13,9 @@ scripts/bench_engine.py.
 
 The query stage runs twice over the same three queries: every sequence scored (`candidates: all`) and
 a BM25 shortlist of `--shortlist-k` candidates per query (`candidates: shortlist`); both then rescore
-their best and worst candidates at full rank and write the report. A query stage's tokens per second =
-training tokens it scored (per query, summed over the queries) / its seconds.
+their best and worst candidates at full rank. A query stage's tokens per second = training tokens it
+scored (per query, summed over the queries) / its seconds; its steps (the query set's manifest.json,
+"seconds") are printed beneath it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ QUERIES = [{"id": "assert", "prompt": "Assert statements are a convenient way to
            {"id": "while", "prompt": "The while statement is used for",
             "completion": " repeated execution as long as an expression is true"},
            {"id": "import", "prompt": "The import statement", "completion": " finds a module, loading and initializing it"}]
+
+
+QUERY_STEPS = {"complete": "encode (or complete) the queries, shortlist search, log p",
+               "precondition": "query gradients and preconditioning (rank 32)",
+               "scan": "scan of the candidates", "rescore": "full-rank rescoring and the records"}
 
 
 def timed_process(argv: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, float]:
@@ -161,6 +167,11 @@ def report(rows: dict, facts: dict, work: Path, args) -> None:
         seconds, peak = rows[stage]
         work_tokens = tokens * scored[stage] / N if stage in scored else tokens
         print(f"| {stage} | {seconds:.1f} | {work_tokens / seconds:,.0f} | {seconds / epoch:.2f} | {peak:.2f} |")
+        if stage in scored:
+            name = "all" if stage.endswith("every sequence") else "shortlist"
+            steps = json.loads((work / "run" / "queries" / name / "manifest.json").read_text())["seconds"]
+            for step, value in steps.items():
+                print(f"| &nbsp;&nbsp;↳ {QUERY_STEPS.get(step, step)} | {value:.1f} | | {value / epoch:.2f} | |")
     print("\nseconds (process) include starting Python and loading the model; tokens / s divides the training tokens "
           "a stage works on (fit, index: the corpus; query: the corpus or the shortlist, once per query) by them.")
 

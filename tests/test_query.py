@@ -148,6 +148,8 @@ def test_results_are_written_once_and_never_silently_overwritten(setting, tmp_pa
                               out=out, show_progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scores"]["shape"] == [2, 64] and manifest["fingerprint"] == factors.fingerprint
+    assert list(manifest["seconds"]) == ["complete", "precondition", "scan", "rescore"]  # where the time went
+    assert all(value >= 0 for value in manifest["seconds"].values())
     on_disk = np.memmap(out / "scores.f32", dtype=np.float32, mode="r", shape=(2, 64))
     np.testing.assert_array_equal(on_disk, results.scores_QN)
     records = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
