@@ -39,7 +39,7 @@ from .model import context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import device_of, evaluation_mode
 from .precondition import compress
-from .scan import preconditioned_queries, rescore, scan
+from .scan import dense_rescoring_fits, preconditioned_queries, rescore, scan
 from .storage import PassCheckpoint, StorageError, replace_directory
 from .token_text import token_pieces
 from .version import __version__
@@ -109,7 +109,9 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         checkpoint = None if tmp is None else PassCheckpoint(tmp, key, every_batches=config.checkpoint_batches,
                                                               every_seconds=config.checkpoint_seconds)
         dense = None
-        if config.refine_steps > 0:  # refined once, full rank; truncated for the scan, sliced for the rescoring
+        if config.refine_steps > 0 or dense_rescoring_fits(layers, len(encoded), config):
+            # full rank once (refined, or as the rescoring would precondition them again): truncated for the scan,
+            # sliced for the rescoring
             dense = preconditioned_queries(model, layers, factors, tokenizer, encoded, config, rank=None, corpus=corpus,
                                            checkpoint=checkpoint, show_progress=show_progress)
             P = dense if config.rank is None else {name: compress(value, config.rank) for name, value in dense.items()}

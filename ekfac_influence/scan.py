@@ -33,6 +33,13 @@ from .storage import PassCheckpoint
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage
 
 
+def dense_rescoring_fits(layers: list[TrackedLayer], num_queries: int, config: QueryConfig) -> bool:
+    """Whether every query's full-rank P(∇f_q) fits the rescoring's budget, so that the rank-k scan can take
+    its truncation instead of preconditioning the queries a second time."""
+    per_query = sum(layer.num_params for layer in layers)
+    return config.rank is not None and config.rerank > 0 and num_queries * per_query <= _DENSE_BUDGET_ELEMENTS
+
+
 def preconditioned_queries(model, layers: list[TrackedLayer], factors: Factors, tokenizer, encoded: list[EncodedQuery],
                            config: QueryConfig, *, rank: int | None, corpus: PackedCorpus | None = None,
                            checkpoint: PassCheckpoint | None = None,

@@ -62,7 +62,8 @@ def test_two_processes_answer_queries_as_one_does(tmp_path):
     one, two = (np.fromfile(tmp_path / name / "scores.f32", dtype=np.float32).reshape(shape) for name in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-6, atol=1e-7)
     one_split, two_split = (json.loads((tmp_path / f"{name}.split.json").read_text()) for name in ("one", "two"))
-    assert one_split == [2 * 3] and sum(two_split) == 2 * 3 and max(two_split) < 2 * 3  # 3 queries, scan and rescore
+    # 3 queries, each preconditioned once at full rank (truncated for the scan, sliced for the rescoring)
+    assert one_split == [3] and sum(two_split) == 3 and max(two_split) < 3
     scanned = np.ones(27, dtype=bool)
     scanned[[21, 23, 25]] = False  # in no query's shortlist
     assert np.isfinite(one[:, scanned]).all() and np.isnan(one[:, ~scanned]).all()

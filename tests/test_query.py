@@ -141,6 +141,34 @@ def test_a_shortlist_restricts_each_querys_candidates(setting):
     assert set(np.flatnonzero(scanned).tolist()) == set(range(10)) | set(range(30, 40))
 
 
+def test_queries_are_preconditioned_once_when_their_full_rank_gradients_fit_and_rescore_as_before(setting, monkeypatch):
+    """The rank-k scan takes the truncation of the full-rank P(∇f) that the rescoring uses; over the budget,
+    the rescoring preconditions again (the old path). Both give the same rescored scores and nearly the same
+    scan scores (the same best rank-k approximation, computed two ways)."""
+    from ekfac_influence import influence, scan
+
+    model, tokenizer, corpus, factors = setting
+    counted, original = [0], influence.precondition
+
+    def counting(grads, *args, **kwargs):
+        counted[0] += next(iter(grads.values())).shape[0]
+        return original(grads, *args, **kwargs)
+
+    monkeypatch.setattr(influence, "precondition", counting)
+    config = QueryConfig(rank=2, rerank=6, top_k=3)
+    once = query_influence(model, tokenizer, factors, corpus, QUERIES, config, show_progress=False)
+    assert counted[0] == len(QUERIES)
+    counted[0] = 0
+    monkeypatch.setattr(scan, "_DENSE_BUDGET_ELEMENTS", 1)
+    twice = query_influence(model, tokenizer, factors, corpus, QUERIES, config, show_progress=False)
+    assert counted[0] == 2 * len(QUERIES)
+    np.testing.assert_allclose(once.scores_QN, twice.scores_QN, rtol=1e-3, atol=1e-3 * np.abs(twice.scores_QN).max())
+    for a, b in zip(once.records, twice.records):
+        for side in ("top_positive", "top_negative"):
+            assert [hit["sequence"] for hit in a[side]] == [hit["sequence"] for hit in b[side]]
+            np.testing.assert_allclose([hit["score"] for hit in a[side]], [hit["score"] for hit in b[side]], rtol=1e-5)
+
+
 def test_results_are_written_once_and_never_silently_overwritten(setting, tmp_path):
     model, tokenizer, corpus, factors = setting
     out = tmp_path / "queries" / "set"
