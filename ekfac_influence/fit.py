@@ -14,6 +14,7 @@ Shapes: N training sequences, B batch, T positions, I in-features (+1 bias), O o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -37,6 +38,8 @@ _SEQUENCE_CHUNK_ELEMENTS = 2**27  # bound on the per-sequence gradients formed a
 # (measured: the sum over the tensors actually held; with groups of layers, the largest group's),
 # for scripts/shard_memory.py and its tests; `plan.plan_fit` predicts them.
 HELD_BYTES: dict[str, int] = {}
+# Wall seconds of each step of the last kfac/ekfac fit in this process (run.fit records them with the factors)
+STEP_SECONDS: dict[str, float] = {}
 
 
 def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
@@ -50,6 +53,7 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
     layers = select_layers(model, config.layers)
     require_reiterable(train_batches, "train_batches")
     owners = layer_owners(layers, config)
+    STEP_SECONDS.clear()
     with evaluation_mode(model):
         if config.strategy == "identity":
             num_sequences, num_tokens = count_sequences(train_batches), 0
@@ -118,6 +122,13 @@ def held_bytes(values) -> int:
     return total
 
 
+def _lap(step: str, started: float) -> float:
+    """Add the seconds since `started` to STEP_SECONDS[step] (summed over groups of layers); returns now."""
+    now = time.perf_counter()
+    STEP_SECONDS[step] = STEP_SECONDS.get(step, 0.0) + now - started
+    return now
+
+
 def _record(step: str, values) -> None:
     """Note the bytes held at `step`: the largest over groups of layers (a group's factors leave the device after it)."""
     HELD_BYTES[step] = max(HELD_BYTES.get(step, 0), held_bytes(values))
@@ -127,10 +138,13 @@ def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config
                    checkpoint: PassCheckpoint | None, owners: dict[str, int] | None = None
                    ) -> tuple[list[LayerFactors], int, int]:
     """kfac / ekfac for a set of layers: the covariance pass, eigendecompositions, the correction pass."""
+    started = time.perf_counter()
     fitted, num_sequences, num_tokens = collect_covariances(model, layers, batches, objective, config, show_progress,
                                                             checkpoint, owners)
+    started = _lap("covariances", started)
     eigendecompose_layers(fitted, config, owners)
     _record("eigendecomposed", fitted)
+    started = _lap("eigendecomposition", started)
     if config.strategy == "kfac":
         tokens_per_sequence = num_tokens / num_sequences
         for layer in fitted:
@@ -138,6 +152,7 @@ def _fit_kronecker(model, layers: list[TrackedLayer], batches, objective, config
                 layer.lambda_OI = tokens_per_sequence * torch.outer(layer.eigS_O, layer.eigA_I)
     else:
         correct_eigenvalues(model, layers, fitted, batches, objective, config, show_progress, checkpoint, owners)
+        _lap("eigenvalue correction", started)
     _record("fitted", fitted)
     return fitted, num_sequences, num_tokens
 

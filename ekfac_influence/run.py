@@ -36,7 +36,7 @@ from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
 from .files import ensure_space
-from .fit import check_exact_size, fit_factors
+from .fit import STEP_SECONDS, check_exact_size, fit_factors
 from .model import (ModelLoadError, context_length, fingerprint, load_causal_lm, load_tokenizer, model_context,
                     select_layers)
 from .objectives import CausalLMObjective
@@ -269,7 +269,8 @@ def fit(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                                 every_seconds=config.fit.checkpoint_seconds)
     factors = fit_factors(model, training_loader(corpus, config.fit.batch_size, config.fit.num_workers),
                           CausalLMObjective(), config.factors, show_progress=show_progress, checkpoint=checkpoint)
-    factors.meta = dict(factors.meta, corpus=corpus_facts(corpus))  # what the factors were fitted on
+    factors.meta = dict(factors.meta, corpus=corpus_facts(corpus),  # what the factors were fitted on, and how long
+                        seconds={step: round(value, 3) for step, value in STEP_SECONDS.items()})
     if factors.owners is not None or distributed.is_main():  # sharded: every process writes its shard
         tensors = [t for layer in factors.layers for t in layer.tensors().values()] + [factors.ggn_PP]
         ensure_space(path.parent, sum(t.numel() * t.element_size() for t in tensors if t is not None), "writing the factors")

@@ -14,8 +14,8 @@ scripts/bench_engine.py.
 The query stage runs twice over the same three queries: every sequence scored (`candidates: all`) and
 a BM25 shortlist of `--shortlist-k` candidates per query (`candidates: shortlist`); both then rescore
 their best and worst candidates at full rank. A query stage's tokens per second = training tokens it
-scored (per query, summed over the queries) / its seconds; its steps (the query set's manifest.json,
-"seconds") are printed beneath it.
+scored (per query, summed over the queries) / its seconds. The steps of the fit and of each query
+stage (their manifests' "seconds") are printed beneath them.
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ def report(rows: dict, facts: dict, work: Path, args) -> None:
         seconds, peak = rows[stage]
         work_tokens = tokens * scored[stage] / N if stage in scored else tokens
         print(f"| {stage} | {seconds:.1f} | {work_tokens / seconds:,.0f} | {seconds / epoch:.2f} | {peak:.2f} |")
+        if stage == "fit":
+            steps = json.loads((work / "run" / "factors" / "manifest.json").read_text())["meta"].get("seconds", {})
+            for step, value in steps.items():
+                print(f"| &nbsp;&nbsp;↳ {step} | {value:.1f} | | {value / epoch:.2f} | |")
         if stage in scored:
             name = "all" if stage.endswith("every sequence") else "shortlist"
             steps = json.loads((work / "run" / "queries" / name / "manifest.json").read_text())["seconds"]

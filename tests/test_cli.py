@@ -61,6 +61,8 @@ def test_fit_index_query_export_from_the_command_line_in_a_fresh_directory(tmp_p
     run = tmp_path / "runs" / "tiny"
     manifest = json.loads((run / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"fit", "index", "query"} and manifest["layers"]
+    seconds = json.loads((run / "factors" / "manifest.json").read_text())["meta"]["seconds"]  # where the fit's time went
+    assert list(seconds) == ["covariances", "eigendecomposition", "eigenvalue correction"] and min(seconds.values()) > 0
     saved = yaml.safe_load((run / "config.fit.yaml").read_text())
     assert saved["corpus"]["length"] == 32 and saved["factors"]["strategy"] == "ekfac"  # the resolved config
     out = run / "queries" / "first"
