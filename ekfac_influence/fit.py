@@ -415,9 +415,7 @@ def _zeros_if_none(sums: dict, name: str, shape, model, blocks: int = 1,
                    dtype: torch.dtype = torch.float64) -> Tensor | BlockDiagonal:
     if sums[name] is None:  # this process got no batch (fewer batches than processes)
         # on the model's device and in the others' dtype, so that every rank reduces the same buckets
-        device = device_of(model)
-        sums[name] = torch.zeros(shape, dtype=dtype, device=device) if blocks == 1 else \
-            blocked_covariance(torch.zeros(0, shape[1], dtype=dtype, device=device), blocks, dtype)
+        sums[name] = blocked_covariance(torch.zeros(0, shape[1], dtype=dtype, device=device_of(model)), blocks, dtype)
     return sums[name]
 
 
