@@ -26,6 +26,20 @@ whatever signs eigh gave the eigenvectors. Inner products of sketches are unbias
 ⟨W_n, W_m⟩; identical sequences sketch alike. A sketched cosine c is off by about (1 − c²)/k when
 the whitened gradients have a rank well above k, and by up to (1 − c²)·√(2/k) for a gradient of
 rank one (a single token): the sketch of W = u vᵀ is (Ω_O u)(vᵀ Ω_I), two k-dimensional projections.
+
+A tolerance ε > 0 (kfac/ekfac) trades the rotation for a bound. With w = Λ / (Λ + λ) ∈ [0, 1),
+
+    1 / (Λ + λ) = 1/λ − M,   M = Λ / (λ (Λ + λ)) = w / λ,   so   s_ℓ = ‖DW‖² / λ − Σ R² ⊙ M.
+
+On a trained model w is small in almost every direction (the spectrum falls fast), so only the
+directions where w > ε are rotated onto: a cross of rows K of R (eigenvectors of S, every column)
+and columns J (eigenvectors of A, every row), `truncation` choosing the cheapest cross that holds
+every w > ε. The rest is counted as if Λ = 0, which over-estimates s_ℓ by Σ_rest R² w / λ ≤
+w_rest · m / λ, m = ‖DW‖² − Σ_K∪J R² (the mass outside the cross, known exactly since the
+rotation keeps norms) and w_rest ≤ ε the largest w outside it. So s(n) − error(n) ≤ s_exact(n) ≤ s(n)
+with error(n) = Σ_ℓ w_rest,ℓ m_ℓ(n) / λ_ℓ, stored per sequence; relatively, error ≤ ε / (1 − ε) · s.
+The cost per sequence is T·O·I (DW) + |K|·(O·I + I²) + |J|·(O·I + O²) instead of a full rotation.
+The sketch and per-token values use the same split: P^{1/2} = 1/√λ − (1/√λ − 1/√(Λ + λ)) on the cross.
 """
 
 from __future__ import annotations
@@ -59,6 +73,15 @@ class SelfInfluenceResult:
     per_token: Tensor | None = None
     num_train_sequences: int = 0
     sketch: Tensor | None = None
+    error: Tensor | None = None
+    """With a tolerance: error [N], s(n) − error(n) ≤ exact s(n) ≤ s(n) (module docstring); None when exact."""
+
+    def max_relative_error(self) -> float | None:
+        """The largest error(n) / s(n): every s(n) over-estimates the exact value by at most this fraction; None when exact."""
+        if self.error is None:
+            return None
+        relative_N = self.error.double() / self.values.double().clamp_min(torch.finfo(torch.float64).tiny)
+        return float(relative_N.max()) if len(relative_N) else 0.0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -119,54 +142,161 @@ def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strateg
     raise ValueError(f"strategy {strategy!r} has no per-layer whitening; self-influence supports {', '.join(STRATEGIES)}")
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """The directions of one layer that a tolerance-ε audit rotates onto (module docstring): rows_K of R
+    (eigenvectors of S) and columns_J (eigenvectors of A); outside the cross w ≤ w_rest ≤ ε.
+
+    With M = Λ / (λ (Λ + λ)) and its root M' = 1/√λ − 1/√(Λ + λ) on the cross: M_KI, M'_KI on the rows
+    and M_OJ, M'_OJ on the columns, zero on the rows_K (the corner is counted once, with the rows).
+    """
+
+    rows_K: Tensor
+    columns_J: Tensor
+    w_rest: float
+    cost: int  # multiply-adds per sequence beyond forming DW
+    M_KI: Tensor
+    M_OJ: Tensor
+    root_KI: Tensor
+    root_OJ: Tensor
+    keep_OJ: Tensor  # 1 off the rows_K, 0 on them
+
+    def worth_it(self, T: int, O: int, I: int) -> bool:
+        """Cheaper than the cheapest full rotation for sequences of T positions."""
+        return T * O * I + self.cost < min(rotation_costs(T, O, I).values())
+
+
+def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
+    """A cheap cross of rows and columns of the eigenbasis that holds every direction with w > tolerance.
+
+    Rows are taken greedily in order of their largest w; for each number k of rows the columns still
+    holding a w > tolerance outside them are added, and the k of least cost wins; likewise with the roles
+    of rows and columns swapped.
+    """
+    lam_OI = layer.lambda_OI.double()
+    w_OI = lam_OI / (lam_OI + layer.damping)
+    O, I = w_OI.shape
+    best = None
+    for swapped in (False, True):
+        w_XY = w_OI.T if swapped else w_OI
+        X = w_XY.shape[0]
+        order_X = w_XY.amax(1).argsort(descending=True)
+        above_XY = w_XY[order_X] > tolerance
+        last_Y = torch.where(above_XY, torch.arange(X)[:, None], -1).amax(0)  # the last ranked row above, per column
+        needed_K = (last_Y[None, :] >= torch.arange(X + 1)[:, None]).sum(1)  # columns needed with the first k rows
+        rows_K, columns_K = (needed_K, torch.arange(X + 1)) if swapped else (torch.arange(X + 1), needed_K)
+        costs_K = rows_K * (O * I + I * I) + columns_K * (O * I + O * O)
+        k = int(costs_K.argmin())
+        if best is None or int(costs_K[k]) < best[0]:
+            chosen_X, chosen_Y = order_X[:k], torch.nonzero(last_Y >= k).flatten()
+            rows, columns = (chosen_Y, chosen_X) if swapped else (chosen_X, chosen_Y)
+            best = (int(costs_K[k]), rows.sort().values, columns.sort().values)
+    cost, rows_K, columns_J = best
+    outside_OI = torch.ones(O, I, dtype=torch.bool)
+    outside_OI[rows_K] = False
+    outside_OI[:, columns_J] = False
+    w_rest = float(w_OI[outside_OI].max()) if outside_OI.any() else 0.0
+    M_OI = w_OI / layer.damping
+    root_OI = layer.damping**-0.5 - (lam_OI + layer.damping).rsqrt()
+    keep_OJ = torch.ones(O, len(columns_J), dtype=torch.float64)
+    keep_OJ[rows_K] = 0
+    return Truncation(rows_K, columns_J, w_rest, cost, M_OI[rows_K], M_OI[:, columns_J] * keep_OJ, root_OI[rows_K],
+                      root_OI[:, columns_J] * keep_OJ, keep_OJ)
+
+
+def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, cut: Truncation, *,
+                             per_token: bool = False, sketch: tuple | None = None
+                             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring).
+
+    sketch: (Ω_O Q_S, Q_Aᵀ Ω_I, Ω_O, Ω_I) of `sketch_maps`.
+    """
+    B, O, I = g_BTO.shape[0], layer.out_dim, layer.in_dim
+    K, J = len(cut.rows_K), len(cut.columns_J)
+    DW_BOI = sequence_gradients(g_BTO, a_BTI)
+    QS_OK, QA_IJ = layer.QS_OO[:, cut.rows_K], layer.QA_II[:, cut.columns_J]
+    M_KI, M_OJ = cut.M_KI.to(DW_BOI), cut.M_OJ.to(DW_BOI)
+    R_BKI = QS_OK.T @ DW_BOI @ layer.QA_II
+    # Q_Sᵀ (DW Q_A,J) as one product over the batch: [O, O] @ [O, B·J] (a batched product of width J is slow)
+    R_BOJ = (layer.QS_OO.T @ (DW_BOI @ QA_IJ).transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
+    R_BOJ = R_BOJ * cut.keep_OJ.to(DW_BOI) if K else R_BOJ  # the corner belongs to the rows
+    norm_B = (DW_BOI**2).sum((1, 2))
+    inside_B = (R_BKI**2).sum((1, 2)) + (R_BOJ**2).sum((1, 2))
+    s_B = norm_B / layer.damping - (R_BKI**2 * M_KI).sum((1, 2)) - (R_BOJ**2 * M_OJ).sum((1, 2))
+    error_B = cut.w_rest * (norm_B - inside_B).clamp_min(0) / layer.damping
+    tokens_BT = sketch_BK = None
+    if per_token:  # g_tᵀ P(DW) ā_t with P(DW) = DW / λ − Q_S (R ⊙ M on the cross) Q_Aᵀ
+        X_BOI = (DW_BOI / layer.damping - QS_OK @ (R_BKI * M_KI) @ layer.QA_II.T
+                 - layer.QS_OO @ (R_BOJ * M_OJ) @ QA_IJ.T)
+        tokens_BT = token_products(g_BTO, X_BOI, a_BTI)
+    if sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I, P^{1/2} = 1/√λ − M' on the cross
+        left_KO, right_IK, plain_KO, plain_IK = (m.to(DW_BOI) for m in sketch)
+        sketch_BK = (plain_KO @ DW_BOI @ plain_IK) * layer.damping**-0.5
+        sketch_BK = sketch_BK - left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI.to(DW_BOI)) @ right_IK
+        sketch_BK = sketch_BK - left_KO @ (R_BOJ * cut.root_OJ.to(DW_BOI)) @ right_IK[cut.columns_J]
+        sketch_BK = sketch_BK.flatten(1)
+    return s_B, error_B, tokens_BT, sketch_BK
+
+
 def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
     """tokens_BT = g_tᵀ X_b ā_t."""
     return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
 
 
 def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtype, *, per_token: bool = False,
-                         sketch: dict | None = None) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
-    """({layer: s_B}, tokens_BT or None, sketch_BK or None) of one captured batch (on the CPU).
+                         sketch: dict | None = None, cuts: dict[str, Truncation] | None = None
+                         ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]:
+    """({layer: s_B}, tokens_BT or None, sketch_BK or None, error_B or None) of one captured batch (on the CPU).
 
-    sketch: `sketch_maps(factors, k)`, or None for no sketch.
+    sketch: `sketch_maps(factors, k)`, or None for no sketch. cuts: {layer: `truncation`} for a tolerance
+    (a layer whose cross costs more than a full rotation at this length is rotated in full).
     """
     names = factors.layer_names
     grads = {n: item.grads[n].to(dtype) for n in names}
     acts = {n: item.acts[n].to(dtype) for n in names}
-    per_layer, tokens_BT, sketch_BK = {}, None, None
+    per_layer, tokens_BT, sketch_BK, error_B = {}, None, None, None
+    add = lambda total, part: part if total is None else total + part  # noqa: E731
     if factors.strategy == "exact":
         P = exact_inverse_product({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors)
         for n in names:
             DW_BOI = sequence_gradients(grads[n], acts[n])
             per_layer[n] = (P[n].to(dtype) * DW_BOI).sum((1, 2)).cpu()
             if per_token:
-                layer_BT = token_products(grads[n], P[n].to(dtype), acts[n])
-                tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
+                tokens_BT = add(tokens_BT, token_products(grads[n], P[n].to(dtype), acts[n]))
         if sketch is not None:
             sketch_BK = (_exact_whitened(grads, acts, factors) @ sketch["exact"].to(torch.float64)).to(dtype).cpu()
-    else:
-        for layer in factors.layers:
-            moved = layer.to(dtype, grads[layer.name].device)
-            R_BOI, scale_OI, (g_BTO, a_BTI) = layer_whitening(grads[layer.name], acts[layer.name], moved,
-                                                              factors.strategy)
-            X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
-            per_layer[layer.name] = (R_BOI * X_BOI).sum((1, 2)).cpu()
-            if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t)
-                g_BTO = grads[layer.name] @ moved.QS_OO if g_BTO is None else g_BTO
-                a_BTI = acts[layer.name] @ moved.QA_II if a_BTI is None else a_BTI
-                layer_BT = token_products(g_BTO, X_BOI, a_BTI)
-                tokens_BT = layer_BT if tokens_BT is None else tokens_BT + layer_BT
-            if sketch is not None:
-                left_KO, right_IK = (m.to(R_BOI) for m in sketch[layer.name])
-                W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
-                layer_BK = (left_KO @ W_BOI @ right_IK).flatten(1)
-                sketch_BK = layer_BK if sketch_BK is None else sketch_BK + layer_BK
-        sketch_BK = None if sketch_BK is None else sketch_BK.cpu()
-    return per_layer, None if tokens_BT is None else tokens_BT.cpu(), sketch_BK
+        return per_layer, None if tokens_BT is None else tokens_BT.cpu(), sketch_BK, None
+    for layer in factors.layers:
+        moved = layer.to(dtype, grads[layer.name].device)
+        g_BTO, a_BTI = grads[layer.name], acts[layer.name]
+        cut = (cuts or {}).get(layer.name)
+        if cut is not None and cut.worth_it(g_BTO.shape[1], layer.out_dim, layer.in_dim):
+            s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(
+                g_BTO, a_BTI, moved, cut, per_token=per_token, sketch=None if sketch is None else sketch[layer.name])
+            per_layer[layer.name] = s_B.cpu()
+            error_B = add(error_B, layer_error_B)
+            tokens_BT = tokens_BT if layer_BT is None else add(tokens_BT, layer_BT)
+            sketch_BK = sketch_BK if layer_BK is None else add(sketch_BK, layer_BK)
+            continue
+        R_BOI, scale_OI, (g_rotated, a_rotated) = layer_whitening(g_BTO, a_BTI, moved, factors.strategy)
+        X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
+        per_layer[layer.name] = (R_BOI * X_BOI).sum((1, 2)).cpu()
+        if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t)
+            g_rotated = g_BTO @ moved.QS_OO if g_rotated is None else g_rotated
+            a_rotated = a_BTI @ moved.QA_II if a_rotated is None else a_rotated
+            tokens_BT = add(tokens_BT, token_products(g_rotated, X_BOI, a_rotated))
+        if sketch is not None:
+            left_KO, right_IK = (m.to(R_BOI) for m in sketch[layer.name][:2])
+            W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
+            sketch_BK = add(sketch_BK, (left_KO @ W_BOI @ right_IK).flatten(1))
+    if cuts and error_B is None:
+        error_B = torch.zeros(next(iter(per_layer.values())).shape, dtype=dtype)
+    return (per_layer, None if tokens_BT is None else tokens_BT.cpu(), None if sketch_BK is None else sketch_BK.cpu(),
+            None if error_B is None else error_B.cpu())
 
 
 def sketch_maps(factors: Factors, side: int) -> dict:
-    """The fixed maps of the whole-corpus sketch (module docstring): {layer: (Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k])}.
+    """The fixed maps of the whole-corpus sketch (module docstring): {layer: (Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k], Ω_O, Ω_I)}.
 
     identity and diagonal whiten in the original basis, so their maps are Ω_O and Ω_I; the exact
     strategy's whitened gradient couples the layers, so it is sketched by one Gaussian {"exact": Ω [P, k²]}.
@@ -180,9 +310,10 @@ def sketch_maps(factors: Factors, side: int) -> dict:
         generator = _seeded(layer.name)
         omega_KO = torch.randn(side, layer.out_dim, generator=generator, dtype=torch.float64) / side**0.5
         omega_IK = torch.randn(layer.in_dim, side, generator=generator, dtype=torch.float64) / side**0.5
+        plain = (omega_KO, omega_IK)
         if factors.strategy in ("kfac", "ekfac"):
             omega_KO, omega_IK = omega_KO @ layer.QS_OO.double(), layer.QA_II.double().T @ omega_IK
-        maps[layer.name] = (omega_KO, omega_IK)
+        maps[layer.name] = (omega_KO, omega_IK, *plain)
     return maps
 
 
@@ -208,10 +339,15 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
     dtype = getattr(torch, config.compute_dtype)
     local, start = _restore(checkpoint, factors.layer_names)
     sketch = sketch_maps(factors, config.duplicate_sketch) if config.duplicate_sketch else None
+    cuts = None
+    if config.tolerance > 0 and factors.strategy in ("kfac", "ekfac"):
+        cuts = {layer.name: truncation(layer, config.tolerance) for layer in factors.layers
+                if isinstance(layer.QS_OO, Tensor) and isinstance(layer.QA_II, Tensor)}  # blocked factors rotate cheaply
     with evaluation_mode(model):
         for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
                                  show_progress=show_progress, start=start):
-            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token, sketch=sketch)
+            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token, sketch=sketch,
+                                                     cuts=cuts)
             if checkpoint is not None and checkpoint.due(item.index + 1):
                 _save(checkpoint, local, item.index + 1, factors.layer_names)
     merged = distributed.gather_by_key(local)
@@ -229,15 +365,16 @@ def _assemble(merged: dict, names: list[str], num_sequences: int) -> SelfInfluen
         width = max(merged[i][1].shape[1] for i in order)
         per_token = torch.cat([nn.functional.pad(merged[i][1], (0, width - merged[i][1].shape[1])) for i in order])
     sketch = torch.cat([merged[i][2] for i in order]) if merged[order[0]][2] is not None else None
-    return SelfInfluenceResult(values, per_layer, per_token, num_sequences, sketch)
+    error = torch.cat([merged[i][3] for i in order]) if merged[order[0]][3] is not None else None
+    return SelfInfluenceResult(values, per_layer, per_token, num_sequences, sketch, error)
 
 
 def _save(checkpoint: PassCheckpoint, local: dict, next_batch: int, names: list[str]) -> None:
-    """This process's finished batches: {batch}/{layer} = s_B (and {batch}/tokens, {batch}/sketch), with the next
+    """This process's finished batches: {batch}/{layer} = s_B (and {batch}/tokens, /sketch, /error), with the next
     batch to read."""
-    tensors = {f"{i}/{n}": per_layer[n] for i, (per_layer, _, _) in local.items() for n in names}
-    tensors.update({f"{i}/tokens": tokens for i, (_, tokens, _) in local.items() if tokens is not None})
-    tensors.update({f"{i}/sketch": sketch for i, (_, _, sketch) in local.items() if sketch is not None})
+    tensors = {f"{i}/{n}": per_layer[n] for i, (per_layer, *_) in local.items() for n in names}
+    for part, slot in (("tokens", 1), ("sketch", 2), ("error", 3)):
+        tensors.update({f"{i}/{part}": item[slot] for i, item in local.items() if item[slot] is not None})
     checkpoint.save("self_influence", tensors, {"next_batch": next_batch, "batches": sorted(local)})
 
 
@@ -246,8 +383,8 @@ def _restore(checkpoint: PassCheckpoint | None, names: list[str]) -> tuple[dict,
     if state is None:
         return {}, 0
     tensors, meta = state
-    local = {i: ({n: tensors[f"{i}/{n}"] for n in names}, tensors.get(f"{i}/tokens"), tensors.get(f"{i}/sketch"))
-             for i in meta["batches"]}
+    local = {i: ({n: tensors[f"{i}/{n}"] for n in names}, tensors.get(f"{i}/tokens"), tensors.get(f"{i}/sketch"),
+                 tensors.get(f"{i}/error")) for i in meta["batches"]}
     distributed.print0(f"resuming self-influence at batch {meta['next_batch']} (saved progress)")
     return local, meta["next_batch"]
 

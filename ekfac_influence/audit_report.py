@@ -69,6 +69,9 @@ def render_page(values_N: np.ndarray, records: list[dict], manifest: dict) -> st
     facts = [("training sequences", len(values_N)), ("strategy", manifest.get("strategy")),
              ("median s(n)", sci(float(np.median(values_N)) if len(values_N) else float("nan"), sign=False)),
              ("near-duplicate cosine ≥", manifest.get("duplicate_threshold"))]
+    if manifest.get("max_relative_error") is not None:
+        facts.append(("tolerance ε", f"{manifest['tolerance']:g}: each s(n) is high by at most "
+                                     f"{100 * manifest['max_relative_error']:.2g}% of itself"))
     return render_template("self_influence.html.j2", csp=Markup(CSP), style=Markup(_STYLE),
                            facts=[(label, str(value)) for label, value in facts if value is not None],
                            histogram=histogram(values_N),

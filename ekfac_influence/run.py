@@ -444,7 +444,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, show_progress=show_progress)
     key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
-           "batch_size": section.batch_size, "compute_dtype": section.compute_dtype}
+           "batch_size": section.batch_size, "compute_dtype": section.compute_dtype, "tolerance": section.tolerance}
     checkpoint = PassCheckpoint(run / f".{SELF_INFLUENCE}.partial", key, every_batches=section.checkpoint_batches,
                                 every_seconds=section.checkpoint_seconds)
     distributed.print0(f"self-influence of {len(corpus)} training sequences ({factors.strategy})")
@@ -478,7 +478,8 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
                     "fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
                     "tokenizer_id": corpus.tokenizer_id, "layers": factors.layer_names,
                     "duplicate_threshold": section.duplicate_threshold, "duplicate_sketch": section.duplicate_sketch,
-                    "num_duplicate_groups": len(groups), "config": to_dict(section)}
+                    "num_duplicate_groups": len(groups), "config": to_dict(section),
+                    "tolerance": section.tolerance, "max_relative_error": result.max_relative_error()}
         write_audit(out, values_N, records, manifest, overwrite=overwrite)
         checkpoint.clear()
     distributed.barrier()

@@ -145,10 +145,17 @@ def test_duplicate_groups_join_chains_of_pairs_above_the_threshold_and_drop_sing
     assert audit.duplicate_groups(cos, 0.999) == []
 
 
-def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupted_one(llama_factors, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tolerance", [0.0, 0.3])
+def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupted_one(llama_factors, damped_factors,
+                                                                                     tolerance, tmp_path, monkeypatch):
+    """Also with a tolerance, whose per-sequence error bound is saved and restored with the values."""
     model, train, factors = llama_factors
+    if tolerance:
+        factors = damped_factors
+        _every_cut_worth_it(monkeypatch)
     objective = ei.CausalLMObjective()
-    whole = ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False)
+    config = ei.SelfInfluenceConfig(compute_dtype="float64", tolerance=tolerance)
+    whole = ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False)
     checkpoint = PassCheckpoint(tmp_path, {"test": 1}, every_batches=1)
     original, seen, killed = audit.batch_self_influence, [], []
 
@@ -161,12 +168,15 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
 
     monkeypatch.setattr(audit, "batch_self_influence", failing)
     with pytest.raises(RuntimeError, match="killed"):
-        ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False, checkpoint=checkpoint)
+        ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False, checkpoint=checkpoint)
     seen.clear()
-    resumed = ei.self_influence(model, factors["ekfac"], train, objective, F64, show_progress=False,
+    resumed = ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False,
                                 checkpoint=PassCheckpoint(tmp_path, {"test": 1}, every_batches=1))
     assert seen == [2]  # batches 0 and 1 came from the checkpoint
     assert_close(resumed.values, whole.values, rtol=0, atol=0)
+    if tolerance:
+        assert (whole.error > 0).any()
+        assert_close(resumed.error, whole.error, rtol=0, atol=0)
     for name in whole.per_layer:
         assert_close(resumed.per_layer[name], whole.per_layer[name], rtol=0, atol=0)
 
@@ -201,6 +211,12 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     capsys.readouterr()
     assert main(["self-influence", "--config", "run.yaml", "--quiet"]) == 2  # finished: not recomputed silently
     assert "--overwrite" in capsys.readouterr().err
+    assert manifest["tolerance"] == 0 and manifest["max_relative_error"] is None and "tolerance ε" not in page
+    assert main(["self-influence", "--config", "run.yaml", *overrides, "--overwrite",
+                 "--self_influence.tolerance", "0.5"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tolerance"] == 0.5 and 0 <= manifest["max_relative_error"] <= 1
+    assert "tolerance ε <b>0.5: each s(n) is high by at most" in (out / "self_influence.html").read_text()
 
     torch.manual_seed(1)  # another model where the factors' model was
     other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -376,3 +392,96 @@ def test_self_influence_tokens_and_sketches_do_not_depend_on_the_rotation_order(
         assert_close(forced.per_layer[name], chosen.per_layer[name], rtol=1e-10, atol=1e-15)
     assert_close(forced.per_token, chosen.per_token, rtol=1e-9, atol=1e-13)
     assert_close(forced.sketch, chosen.sketch, rtol=1e-9, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- tolerance-ε truncation
+
+
+def test_the_truncation_cross_holds_every_direction_above_the_tolerance_and_bounds_the_rest():
+    """On fast-falling spectra (a Kronecker product with noise, as EK-FAC's corrected eigenvalues are) the cross
+    holds every w > ε, w_rest is the largest w outside it, and it costs less than a full rotation."""
+    generator = torch.Generator().manual_seed(0)
+    O, I, damping, shapes = 24, 18, 1e-3, set()
+    for _ in range(10):
+        lam_OI = torch.outer(torch.logspace(0, -5, O, dtype=torch.float64), torch.logspace(0, -4, I, dtype=torch.float64))
+        lam_OI = lam_OI * torch.randn(O, I, generator=generator, dtype=torch.float64).mul(2).exp()
+        lam_OI = lam_OI[torch.randperm(O, generator=generator)][:, torch.randperm(I, generator=generator)]
+        layer = audit.LayerFactors(name="x", out_dim=O, in_dim=I, damping=damping, lambda_OI=lam_OI,
+                                   QS_OO=torch.eye(O, dtype=torch.float64), QA_II=torch.eye(I, dtype=torch.float64))
+        w_OI = lam_OI / (lam_OI + damping)
+        for tolerance in (0.01, 0.1, 0.5, 0.9):
+            cut = audit.truncation(layer, tolerance)
+            inside_OI = torch.zeros(O, I, dtype=torch.bool)
+            inside_OI[cut.rows_K] = True
+            inside_OI[:, cut.columns_J] = True
+            assert (w_OI[~inside_OI] <= tolerance).all()
+            assert cut.w_rest == (float(w_OI[~inside_OI].max()) if (~inside_OI).any() else 0.0)
+            assert cut.cost == len(cut.rows_K) * (O * I + I * I) + len(cut.columns_J) * (O * I + O * O)
+            assert cut.cost <= min(O * (O * I + I * I), I * (O * I + O * O))  # never worse than all rows or all columns
+            shapes.add((len(cut.rows_K) > 0, len(cut.columns_J) > 0))
+            if tolerance >= 0.5:
+                assert cut.worth_it(T=32, O=O, I=I)
+    assert shapes == {(True, False), (False, True), (True, True)}  # rows only, columns only and true crosses
+
+
+@pytest.fixture(scope="module")
+def damped_factors(llama_factors):
+    """kfac and ekfac factors of the trained Llama with λ = mean(Λ): a spectrum where many directions have a small
+    w = Λ / (Λ + λ), as on a larger trained model (the tiny model's spectrum is flat at the default damping)."""
+    model, train, _ = llama_factors
+    return {s: ei.fit_factors(model, train, ei.CausalLMObjective(),
+                              ei.FactorConfig(strategy=s, factor_dtype="float64", damping_factor=1.0), show_progress=False)
+            for s in ("kfac", "ekfac")}
+
+
+def _every_cut_worth_it(monkeypatch):
+    """The tiny model's layers are small enough that a full rotation is cheaper; force the cross to test its math."""
+    monkeypatch.setattr(audit.Truncation, "worth_it", lambda self, T, O, I: True)
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+@pytest.mark.parametrize("tolerance", [0.05, 0.3])
+def test_a_tolerance_over_estimates_each_self_influence_by_at_most_its_stored_error(llama_factors, damped_factors,
+                                                                                     strategy, tolerance, monkeypatch):
+    """s(n) − error(n) ≤ exact s(n) ≤ s(n), layer by layer and summed; error(n) ≤ ε / (1 − ε) · s(n); per-token
+    values add up to s(n) and lie near the exact ones; the sketch is the exact sketch up to the same order."""
+    model, train, _ = llama_factors
+    factors, objective = damped_factors, ei.CausalLMObjective()
+    config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True, duplicate_sketch=8)
+    exact = ei.self_influence(model, factors[strategy], train, objective, config, show_progress=False)
+    _every_cut_worth_it(monkeypatch)
+    cut = ei.self_influence(model, factors[strategy], train, objective,
+                            ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True, duplicate_sketch=8,
+                                                   tolerance=tolerance), show_progress=False)
+    slack = 1e-12 * exact.values
+    assert ((cut.values - cut.error - slack <= exact.values) & (exact.values <= cut.values + slack)).all()
+    assert (cut.error <= tolerance / (1 - tolerance) * cut.values + slack).all()
+    assert (cut.values - exact.values).max() > 1e-6 * exact.values.max()  # something was truncated
+    assert cut.max_relative_error() == pytest.approx(float((cut.error / cut.values).max()))
+    assert exact.error is None and exact.max_relative_error() is None
+    for name in exact.per_layer:
+        assert (exact.per_layer[name] <= cut.per_layer[name] * (1 + 1e-12)).all(), name
+    assert_close(cut.per_token.sum(1), cut.values, rtol=1e-10, atol=0)
+    gap_N = (cut.values - exact.values)[:, None]
+    assert ((cut.per_token - exact.per_token).abs() <= 2 * gap_N + 1e-12).all()
+    assert_close(cut.sketch, exact.sketch, rtol=0, atol=float(2 * (gap_N.max() * exact.values.max()) ** 0.5))
+
+
+def test_a_tolerance_below_every_direction_gives_the_exact_self_influence(llama_factors, monkeypatch):
+    model, train, factors = llama_factors
+    config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True)
+    exact = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), config, show_progress=False)
+    _every_cut_worth_it(monkeypatch)
+    cut = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(),
+                            ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True, tolerance=1e-300),
+                            show_progress=False)
+    assert (cut.error == 0).all()
+    assert_close(cut.values, exact.values, rtol=1e-10, atol=0)
+    assert_close(cut.per_token, exact.per_token, rtol=1e-9, atol=1e-12)
+    assert_close(cut.sketch, exact.sketch, rtol=1e-9, atol=1e-12)
+
+
+def test_a_tolerance_outside_0_to_1_is_refused_by_name():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ei.ConfigError, match="self_influence.tolerance"):
+            ei.SelfInfluenceConfig(tolerance=bad)
