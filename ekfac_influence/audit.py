@@ -44,6 +44,7 @@ The sketch and per-token values use the same split: P^{1/2} = 1/√λ − (1/√
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,23 +148,36 @@ class Truncation:
     """The directions of one layer that a tolerance-ε audit rotates onto (module docstring): rows_K of R
     (eigenvectors of S) and columns_J (eigenvectors of A); outside the cross w ≤ w_rest ≤ ε.
 
-    With M = Λ / (λ (Λ + λ)) and its root M' = 1/√λ − 1/√(Λ + λ) on the cross: M_KI, M'_KI on the rows
-    and M_OJ, M'_OJ on the columns, zero on the rows_K (the corner is counted once, with the rows).
+    The corner (rows_K × columns_J) is counted once, with the rows: the column weights are zero there.
+    weights_KI2 and weights_OJ2 hold, per entry of R on the cross, the weight of its square in
+    Σ R² ⊙ M (M = Λ / (λ (Λ + λ))) and in the mass inside the cross (1, or 0 on the corner), so one
+    product of the squares with them gives both sums. root_KI, root_OJ: M' = 1/√λ − 1/√(Λ + λ), zero on
+    the corner's columns.
     """
 
     rows_K: Tensor
     columns_J: Tensor
     w_rest: float
     cost: int  # multiply-adds per sequence beyond forming DW
+    QS_OK: Tensor
+    QA_IJ: Tensor
     M_KI: Tensor
     M_OJ: Tensor
+    weights_KI2: Tensor
+    weights_OJ2: Tensor
     root_KI: Tensor
     root_OJ: Tensor
-    keep_OJ: Tensor  # 1 off the rows_K, 0 on them
 
     def worth_it(self, T: int, O: int, I: int) -> bool:
         """Cheaper than the cheapest full rotation for sequences of T positions."""
         return T * O * I + self.cost < min(rotation_costs(T, O, I).values())
+
+    def to(self, dtype: torch.dtype, device=None) -> "Truncation":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                moved[name] = value.to(device=device, dtype=dtype)
+        return Truncation(**moved)
 
 
 def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
@@ -200,8 +214,11 @@ def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
     root_OI = layer.damping**-0.5 - (lam_OI + layer.damping).rsqrt()
     keep_OJ = torch.ones(O, len(columns_J), dtype=torch.float64)
     keep_OJ[rows_K] = 0
-    return Truncation(rows_K, columns_J, w_rest, cost, M_OI[rows_K], M_OI[:, columns_J] * keep_OJ, root_OI[rows_K],
-                      root_OI[:, columns_J] * keep_OJ, keep_OJ)
+    M_KI, M_OJ = M_OI[rows_K], M_OI[:, columns_J] * keep_OJ
+    return Truncation(rows_K, columns_J, w_rest, cost, layer.QS_OO[:, rows_K], layer.QA_II[:, columns_J], M_KI, M_OJ,
+                      torch.stack([M_KI.flatten(), torch.ones_like(M_KI).flatten()], 1),
+                      torch.stack([M_OJ.flatten(), keep_OJ.flatten()], 1), root_OI[rows_K],
+                      root_OI[:, columns_J] * keep_OJ)
 
 
 def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, cut: Truncation, *,
@@ -209,31 +226,28 @@ def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, 
                              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring).
 
-    sketch: (Ω_O Q_S, Q_Aᵀ Ω_I, Ω_O, Ω_I) of `sketch_maps`.
+    layer and cut in the dtype and on the device of the gradients; sketch: (Ω_O Q_S, Q_Aᵀ Ω_I, Ω_O, Ω_I) of
+    `sketch_maps`.
     """
-    B, O, I = g_BTO.shape[0], layer.out_dim, layer.in_dim
-    K, J = len(cut.rows_K), len(cut.columns_J)
+    B, O, J = g_BTO.shape[0], layer.out_dim, len(cut.columns_J)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
-    QS_OK, QA_IJ = layer.QS_OO[:, cut.rows_K], layer.QA_II[:, cut.columns_J]
-    M_KI, M_OJ = cut.M_KI.to(DW_BOI), cut.M_OJ.to(DW_BOI)
-    R_BKI = QS_OK.T @ DW_BOI @ layer.QA_II
+    R_BKI = cut.QS_OK.T @ DW_BOI @ layer.QA_II
     # Q_Sᵀ (DW Q_A,J) as one product over the batch: [O, O] @ [O, B·J] (a batched product of width J is slow)
-    R_BOJ = (layer.QS_OO.T @ (DW_BOI @ QA_IJ).transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
-    R_BOJ = R_BOJ * cut.keep_OJ.to(DW_BOI) if K else R_BOJ  # the corner belongs to the rows
-    norm_B = (DW_BOI**2).sum((1, 2))
-    inside_B = (R_BKI**2).sum((1, 2)) + (R_BOJ**2).sum((1, 2))
-    s_B = norm_B / layer.damping - (R_BKI**2 * M_KI).sum((1, 2)) - (R_BOJ**2 * M_OJ).sum((1, 2))
-    error_B = cut.w_rest * (norm_B - inside_B).clamp_min(0) / layer.damping
+    R_BOJ = (layer.QS_OO.T @ (DW_BOI @ cut.QA_IJ).transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
+    norm_B = torch.linalg.vector_norm(DW_BOI.flatten(1), dim=1).square()
+    sums_B2 = R_BKI.square().flatten(1) @ cut.weights_KI2 + R_BOJ.square().reshape(B, -1) @ cut.weights_OJ2
+    s_B = norm_B / layer.damping - sums_B2[:, 0]
+    error_B = cut.w_rest * (norm_B - sums_B2[:, 1]).clamp_min(0) / layer.damping
     tokens_BT = sketch_BK = None
     if per_token:  # g_tᵀ P(DW) ā_t with P(DW) = DW / λ − Q_S (R ⊙ M on the cross) Q_Aᵀ
-        X_BOI = (DW_BOI / layer.damping - QS_OK @ (R_BKI * M_KI) @ layer.QA_II.T
-                 - layer.QS_OO @ (R_BOJ * M_OJ) @ QA_IJ.T)
+        X_BOI = (DW_BOI / layer.damping - cut.QS_OK @ (R_BKI * cut.M_KI) @ layer.QA_II.T
+                 - layer.QS_OO @ (R_BOJ * cut.M_OJ) @ cut.QA_IJ.T)
         tokens_BT = token_products(g_BTO, X_BOI, a_BTI)
     if sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I, P^{1/2} = 1/√λ − M' on the cross
         left_KO, right_IK, plain_KO, plain_IK = (m.to(DW_BOI) for m in sketch)
         sketch_BK = (plain_KO @ DW_BOI @ plain_IK) * layer.damping**-0.5
-        sketch_BK = sketch_BK - left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI.to(DW_BOI)) @ right_IK
-        sketch_BK = sketch_BK - left_KO @ (R_BOJ * cut.root_OJ.to(DW_BOI)) @ right_IK[cut.columns_J]
+        sketch_BK = sketch_BK - left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI) @ right_IK
+        sketch_BK = sketch_BK - left_KO @ (R_BOJ * cut.root_OJ) @ right_IK[cut.columns_J]
         sketch_BK = sketch_BK.flatten(1)
     return s_B, error_B, tokens_BT, sketch_BK
 
@@ -272,7 +286,7 @@ def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtyp
         cut = (cuts or {}).get(layer.name)
         if cut is not None and cut.worth_it(g_BTO.shape[1], layer.out_dim, layer.in_dim):
             s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(
-                g_BTO, a_BTI, moved, cut, per_token=per_token, sketch=None if sketch is None else sketch[layer.name])
+                g_BTO, a_BTI, moved, cut.to(dtype, g_BTO.device), per_token=per_token, sketch=None if sketch is None else sketch[layer.name])
             per_layer[layer.name] = s_B.cpu()
             error_B = add(error_B, layer_error_B)
             tokens_BT = tokens_BT if layer_BT is None else add(tokens_BT, layer_BT)
@@ -341,7 +355,7 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
     sketch = sketch_maps(factors, config.duplicate_sketch) if config.duplicate_sketch else None
     cuts = None
     if config.tolerance > 0 and factors.strategy in ("kfac", "ekfac"):
-        cuts = {layer.name: truncation(layer, config.tolerance) for layer in factors.layers
+        cuts = {layer.name: truncation(layer, config.tolerance).to(dtype) for layer in factors.layers
                 if isinstance(layer.QS_OO, Tensor) and isinstance(layer.QA_II, Tensor)}  # blocked factors rotate cheaply
     with evaluation_mode(model):
         for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
