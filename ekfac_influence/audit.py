@@ -28,18 +28,22 @@ the whitened gradients have a rank well above k, and by up to (1 − c²)·√(2
 rank one (a single token): the sketch of W = u vᵀ is (Ω_O u)(vᵀ Ω_I), two k-dimensional projections.
 
 A tolerance ε > 0 (kfac/ekfac) trades the rotation for a bound. With w = Λ / (Λ + λ) ∈ [0, 1),
+a direction of small w is almost undamped by the curvature: 1 / (Λ + λ) ≈ 1/λ. On a trained model
+w is small in almost every direction (the spectrum falls fast), so only the directions where w > ε
+are rotated onto: a cross of rows K of R (eigenvectors of S, every column) and columns J
+(eigenvectors of A, every row), `truncation` choosing a cheap cross that holds every w > ε. The
+rest is counted as if Λ = 0, through the residual E = (I − Q_K Q_Kᵀ) DW (I − Q_J Q_Jᵀ) that the
+cross leaves (Q_K: those columns of Q_S, Q_J: of Q_A):
 
-    1 / (Λ + λ) = 1/λ − M,   M = Λ / (λ (Λ + λ)) = w / λ,   so   s_ℓ = ‖DW‖² / λ − Σ R² ⊙ M.
+    s_ℓ ≈ ‖E‖² / λ + Σ_cross R² / (Λ + λ),   over-estimating s_ℓ by Σ_rest R² w / λ ≤ w_rest ‖E‖² / λ,
 
-On a trained model w is small in almost every direction (the spectrum falls fast), so only the
-directions where w > ε are rotated onto: a cross of rows K of R (eigenvectors of S, every column)
-and columns J (eigenvectors of A, every row), `truncation` choosing the cheapest cross that holds
-every w > ε. The rest is counted as if Λ = 0, which over-estimates s_ℓ by Σ_rest R² w / λ ≤
-w_rest · m / λ, m = ‖DW‖² − Σ_K∪J R² (the mass outside the cross, known exactly since the
-rotation keeps norms) and w_rest ≤ ε the largest w outside it. So s(n) − error(n) ≤ s_exact(n) ≤ s(n)
-with error(n) = Σ_ℓ w_rest,ℓ m_ℓ(n) / λ_ℓ, stored per sequence; relatively, error ≤ ε / (1 − ε) · s.
-The cost per sequence is T·O·I (DW) + |K|·(O·I + I²) + |J|·(O·I + O²) instead of a full rotation.
-The sketch and per-token values use the same split: P^{1/2} = 1/√λ − (1/√λ − 1/√(Λ + λ)) on the cross.
+w_rest ≤ ε the largest w outside the cross. So s(n) − error(n) ≤ s_exact(n) ≤ s(n) with
+error(n) = Σ_ℓ w_rest,ℓ ‖E_ℓ(n)‖² / λ_ℓ, stored per sequence; relatively, error ≤ ε / (1 − ε) · s.
+Every term is a sum of squares: ‖DW‖² − Σ_cross R² would give ‖E‖² too, but in float32 it cancels
+catastrophically when the cross holds nearly all of DW (errors of several % were measured). The cost
+per sequence is T·O·I (DW) + |K|·(2·O·I + I²) + |J|·(2·O·I + O²) instead of a full rotation. The
+per-token values and the sketch use the same split: P(DW) = E / λ + Q_S (R / (Λ + λ) on the cross) Q_Aᵀ,
+and P^{1/2} likewise with square roots.
 """
 
 from __future__ import annotations
@@ -148,11 +152,8 @@ class Truncation:
     """The directions of one layer that a tolerance-ε audit rotates onto (module docstring): rows_K of R
     (eigenvectors of S) and columns_J (eigenvectors of A); outside the cross w ≤ w_rest ≤ ε.
 
-    The corner (rows_K × columns_J) is counted once, with the rows: the column weights are zero there.
-    weights_KI2 and weights_OJ2 hold, per entry of R on the cross, the weight of its square in
-    Σ R² ⊙ M (M = Λ / (λ (Λ + λ))) and in the mass inside the cross (1, or 0 on the corner), so one
-    product of the squares with them gives both sums. root_KI, root_OJ: M' = 1/√λ − 1/√(Λ + λ), zero on
-    the corner's columns.
+    inverse_KI, inverse_OJ: 1 / (Λ + λ) on the rows and on the columns, the columns' zero on the corner
+    (rows_K × columns_J, counted once, with the rows); root_KI, root_OJ: their square roots.
     """
 
     rows_K: Tensor
@@ -161,10 +162,8 @@ class Truncation:
     cost: int  # multiply-adds per sequence beyond forming DW
     QS_OK: Tensor
     QA_IJ: Tensor
-    M_KI: Tensor
-    M_OJ: Tensor
-    weights_KI2: Tensor
-    weights_OJ2: Tensor
+    inverse_KI: Tensor
+    inverse_OJ: Tensor
     root_KI: Tensor
     root_OJ: Tensor
 
@@ -178,6 +177,12 @@ class Truncation:
             if isinstance(value, Tensor) and value.is_floating_point():
                 moved[name] = value.to(device=device, dtype=dtype)
         return Truncation(**moved)
+
+
+def cross_cost(rows: int, columns: int, O: int, I: int) -> int:
+    """Multiply-adds per sequence of a cross beyond DW: each row Q_kᵀ DW, its rotation by Q_A and its share of
+    the residual; each column DW q_j, its rotation by Q_Sᵀ and its share of the residual."""
+    return rows * (2 * O * I + I * I) + columns * (2 * O * I + O * O)
 
 
 def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
@@ -199,7 +204,7 @@ def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
         last_Y = torch.where(above_XY, torch.arange(X)[:, None], -1).amax(0)  # the last ranked row above, per column
         needed_K = (last_Y[None, :] >= torch.arange(X + 1)[:, None]).sum(1)  # columns needed with the first k rows
         rows_K, columns_K = (needed_K, torch.arange(X + 1)) if swapped else (torch.arange(X + 1), needed_K)
-        costs_K = rows_K * (O * I + I * I) + columns_K * (O * I + O * O)
+        costs_K = cross_cost(rows_K, columns_K, O, I)
         k = int(costs_K.argmin())
         if best is None or int(costs_K[k]) < best[0]:
             chosen_X, chosen_Y = order_X[:k], torch.nonzero(last_Y >= k).flatten()
@@ -210,15 +215,12 @@ def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
     outside_OI[rows_K] = False
     outside_OI[:, columns_J] = False
     w_rest = float(w_OI[outside_OI].max()) if outside_OI.any() else 0.0
-    M_OI = w_OI / layer.damping
-    root_OI = layer.damping**-0.5 - (lam_OI + layer.damping).rsqrt()
+    inverse_OI = 1 / (lam_OI + layer.damping)
     keep_OJ = torch.ones(O, len(columns_J), dtype=torch.float64)
     keep_OJ[rows_K] = 0
-    M_KI, M_OJ = M_OI[rows_K], M_OI[:, columns_J] * keep_OJ
-    return Truncation(rows_K, columns_J, w_rest, cost, layer.QS_OO[:, rows_K], layer.QA_II[:, columns_J], M_KI, M_OJ,
-                      torch.stack([M_KI.flatten(), torch.ones_like(M_KI).flatten()], 1),
-                      torch.stack([M_OJ.flatten(), keep_OJ.flatten()], 1), root_OI[rows_K],
-                      root_OI[:, columns_J] * keep_OJ)
+    inverse_KI, inverse_OJ = inverse_OI[rows_K], inverse_OI[:, columns_J] * keep_OJ
+    return Truncation(rows_K, columns_J, w_rest, cost, layer.QS_OO[:, rows_K], layer.QA_II[:, columns_J],
+                      inverse_KI, inverse_OJ, inverse_KI.sqrt(), inverse_OJ.sqrt())
 
 
 def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, cut: Truncation, *,
@@ -231,23 +233,27 @@ def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, 
     """
     B, O, J = g_BTO.shape[0], layer.out_dim, len(cut.columns_J)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
-    R_BKI = cut.QS_OK.T @ DW_BOI @ layer.QA_II
-    # Q_Sᵀ (DW Q_A,J) as one product over the batch: [O, O] @ [O, B·J] (a batched product of width J is slow)
-    R_BOJ = (layer.QS_OO.T @ (DW_BOI @ cut.QA_IJ).transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
-    norm_B = torch.linalg.vector_norm(DW_BOI.flatten(1), dim=1).square()
-    sums_B2 = R_BKI.square().flatten(1) @ cut.weights_KI2 + R_BOJ.square().reshape(B, -1) @ cut.weights_OJ2
-    s_B = norm_B / layer.damping - sums_B2[:, 0]
-    error_B = cut.w_rest * (norm_B - sums_B2[:, 1]).clamp_min(0) / layer.damping
+    rows_BKI = cut.QS_OK.T @ DW_BOI  # Q_Kᵀ DW
+    columns_BOJ = DW_BOI @ cut.QA_IJ  # DW Q_J
+    R_BKI = rows_BKI @ layer.QA_II
+    # Q_Sᵀ (DW Q_J) as one product over the batch: [O, O] @ [O, B·J] (a batched product of width J is slow)
+    R_BOJ = (layer.QS_OO.T @ columns_BOJ.transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
+    # E = (I − Q_K Q_Kᵀ) DW (I − Q_J Q_Jᵀ) = DW − Q_K (Q_Kᵀ DW) − (DW Q_J − Q_K (Q_Kᵀ DW Q_J)) Q_Jᵀ
+    E_BOI = DW_BOI - cut.QS_OK @ rows_BKI - (columns_BOJ - cut.QS_OK @ (rows_BKI @ cut.QA_IJ)) @ cut.QA_IJ.T
+    outside_B = torch.linalg.vector_norm(E_BOI.flatten(1), dim=1).square()
+    inside_B = (R_BKI.square() * cut.inverse_KI).sum((1, 2)) + (R_BOJ.square() * cut.inverse_OJ).sum((1, 2))
+    s_B = outside_B / layer.damping + inside_B
+    error_B = cut.w_rest * outside_B / layer.damping
     tokens_BT = sketch_BK = None
-    if per_token:  # g_tᵀ P(DW) ā_t with P(DW) = DW / λ − Q_S (R ⊙ M on the cross) Q_Aᵀ
-        X_BOI = (DW_BOI / layer.damping - cut.QS_OK @ (R_BKI * cut.M_KI) @ layer.QA_II.T
-                 - layer.QS_OO @ (R_BOJ * cut.M_OJ) @ cut.QA_IJ.T)
+    if per_token:  # g_tᵀ P(DW) ā_t
+        X_BOI = (E_BOI / layer.damping + cut.QS_OK @ (R_BKI * cut.inverse_KI) @ layer.QA_II.T
+                 + layer.QS_OO @ (R_BOJ * cut.inverse_OJ) @ cut.QA_IJ.T)
         tokens_BT = token_products(g_BTO, X_BOI, a_BTI)
-    if sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I, P^{1/2} = 1/√λ − M' on the cross
+    if sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I
         left_KO, right_IK, plain_KO, plain_IK = (m.to(DW_BOI) for m in sketch)
-        sketch_BK = (plain_KO @ DW_BOI @ plain_IK) * layer.damping**-0.5
-        sketch_BK = sketch_BK - left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI) @ right_IK
-        sketch_BK = sketch_BK - left_KO @ (R_BOJ * cut.root_OJ) @ right_IK[cut.columns_J]
+        sketch_BK = (plain_KO @ E_BOI @ plain_IK) * layer.damping**-0.5
+        sketch_BK = sketch_BK + left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI) @ right_IK
+        sketch_BK = sketch_BK + left_KO @ (R_BOJ * cut.root_OJ) @ right_IK[cut.columns_J]
         sketch_BK = sketch_BK.flatten(1)
     return s_B, error_B, tokens_BT, sketch_BK
 

@@ -409,19 +409,26 @@ def test_the_truncation_cross_holds_every_direction_above_the_tolerance_and_boun
         layer = audit.LayerFactors(name="x", out_dim=O, in_dim=I, damping=damping, lambda_OI=lam_OI,
                                    QS_OO=torch.eye(O, dtype=torch.float64), QA_II=torch.eye(I, dtype=torch.float64))
         w_OI = lam_OI / (lam_OI + damping)
+        costs = []
         for tolerance in (0.01, 0.1, 0.5, 0.9):
             cut = audit.truncation(layer, tolerance)
+            costs.append(cut.cost)
             inside_OI = torch.zeros(O, I, dtype=torch.bool)
             inside_OI[cut.rows_K] = True
             inside_OI[:, cut.columns_J] = True
             assert (w_OI[~inside_OI] <= tolerance).all()
             assert cut.w_rest == (float(w_OI[~inside_OI].max()) if (~inside_OI).any() else 0.0)
-            assert cut.cost == len(cut.rows_K) * (O * I + I * I) + len(cut.columns_J) * (O * I + O * O)
-            assert cut.cost <= min(O * (O * I + I * I), I * (O * I + O * O))  # never worse than all rows or all columns
+            assert cut.cost == len(cut.rows_K) * (2 * O * I + I * I) + len(cut.columns_J) * (2 * O * I + O * O)
+            assert cut.cost <= min(O * (2 * O * I + I * I), I * (2 * O * I + O * O))  # never worse than all rows or all columns
             shapes.add((len(cut.rows_K) > 0, len(cut.columns_J) > 0))
-            if tolerance >= 0.5:
-                assert cut.worth_it(T=32, O=O, I=I)
+        assert costs == sorted(costs, reverse=True)  # fewer directions above a larger tolerance
     assert shapes == {(True, False), (False, True), (True, True)}  # rows only, columns only and true crosses
+    O, I = 512, 128  # the benchmark's layer, eigenvalues of S and A falling as 1/k²: 1% of w above 0.05
+    lam_OI = torch.outer(torch.arange(1, O + 1, dtype=torch.float64)**-2, torch.arange(1, I + 1, dtype=torch.float64)**-2)
+    layer = audit.LayerFactors(name="x", out_dim=O, in_dim=I, damping=1e-3, lambda_OI=lam_OI,
+                               QS_OO=torch.eye(O, dtype=torch.float64), QA_II=torch.eye(I, dtype=torch.float64))
+    cut = audit.truncation(layer, 0.05)
+    assert cut.worth_it(T=128, O=O, I=I) and cut.cost < 0.2 * min(audit.rotation_costs(128, O, I).values())
 
 
 @pytest.fixture(scope="module")
