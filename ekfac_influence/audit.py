@@ -238,8 +238,12 @@ def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, 
     R_BKI = rows_BKI @ layer.QA_II
     # Q_Sᵀ (DW Q_J) as one product over the batch: [O, O] @ [O, B·J] (a batched product of width J is slow)
     R_BOJ = (layer.QS_OO.T @ columns_BOJ.transpose(0, 1).reshape(O, B * J)).view(O, B, J).transpose(0, 1)
-    # E = (I − Q_K Q_Kᵀ) DW (I − Q_J Q_Jᵀ) = DW − Q_K (Q_Kᵀ DW) − (DW Q_J − Q_K (Q_Kᵀ DW Q_J)) Q_Jᵀ
-    E_BOI = DW_BOI - cut.QS_OK @ rows_BKI - (columns_BOJ - cut.QS_OK @ (rows_BKI @ cut.QA_IJ)) @ cut.QA_IJ.T
+    # E = (I − Q_K Q_Kᵀ) DW (I − Q_J Q_Jᵀ) = DW − [Q_K | DW Q_J − Q_K (Q_Kᵀ DW Q_J)] @ [Q_Kᵀ DW ; Q_Jᵀ], one product
+    # subtracted in place (a pass over a [B, O, I] tensor costs as much as the product here)
+    K, I = len(cut.rows_K), layer.in_dim
+    left_BOX = torch.cat([cut.QS_OK.expand(B, O, K), columns_BOJ - cut.QS_OK @ (rows_BKI @ cut.QA_IJ)], 2)
+    right_BXI = torch.cat([rows_BKI, cut.QA_IJ.T.expand(B, J, I)], 1)
+    E_BOI = DW_BOI.baddbmm_(left_BOX, right_BXI, alpha=-1)
     outside_B = torch.linalg.vector_norm(E_BOI.flatten(1), dim=1).square()
     inside_B = (R_BKI.square() * cut.inverse_KI).sum((1, 2)) + (R_BOJ.square() * cut.inverse_OJ).sum((1, 2))
     s_B = outside_B / layer.damping + inside_B
