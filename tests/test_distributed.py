@@ -47,7 +47,17 @@ def run_alone_and_on_two_processes(worker: Path, one: Path, two: Path, *argument
                          (two, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                 "--master_port", free_port(), str(worker)])):
         launched = subprocess.run(command + [str(out), *arguments], env=env, capture_output=True, text=True, timeout=600)
+        if launched.returncode != 0 and TEARDOWN_ABORT in launched.stderr:  # once more: see TEARDOWN_ABORT
+            launched = subprocess.run(command + [str(out), *arguments], env=env, capture_output=True, text=True,
+                                      timeout=600)
         assert launched.returncode == 0, launched.stderr[-3000:]
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
+"""A gloo worker thread outliving the interpreter at exit (pytorch/pytorch#179291): rarely, one process of a 2-process
+run dies of SIGABRT after its work is done (seen in two fresh-clone runs of the whole suite, the second after
+`distributed` began destroying the process group at exit; never in 22 runs of the FSDP worker alone). Such a run
+is repeated once; its results are still compared in full."""
 
 
 @pytest.mark.slow
