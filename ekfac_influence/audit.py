@@ -296,7 +296,8 @@ def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtyp
         cut = (cuts or {}).get(layer.name)
         if cut is not None and cut.worth_it(g_BTO.shape[1], layer.out_dim, layer.in_dim):
             s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(
-                g_BTO, a_BTI, moved, cut.to(dtype, g_BTO.device), per_token=per_token, sketch=None if sketch is None else sketch[layer.name])
+                g_BTO, a_BTI, moved, cut.to(dtype, g_BTO.device), per_token=per_token,
+                sketch=None if sketch is None else sketch[layer.name])
             per_layer[layer.name] = s_B.cpu()
             error_B = add(error_B, layer_error_B)
             tokens_BT = tokens_BT if layer_BT is None else add(tokens_BT, layer_BT)
