@@ -60,7 +60,7 @@ from . import distributed
 from .config import SelfInfluenceConfig
 from .factors import Factors, LayerFactors, check_factors_match, sequence_gradients
 from .objectives import Objective
-from .passes import BatchCapture, capture_pass, evaluation_mode
+from .passes import BatchCapture, capture_pass, device_of, evaluation_mode
 from .precondition import exact_inverse_product
 from .storage import PassCheckpoint
 
@@ -129,21 +129,22 @@ def rotated_gradients(g_BTO: Tensor, a_BTI: Tensor, QS_OO, QA_II, order: str | N
     raise ValueError(f"rotation order must be one of {', '.join(ROTATION_ORDERS)}, not {order!r}")
 
 
-def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str
+def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str, *, scale: bool = True
                     ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, Tensor | None]]:
-    """(R_BOI, scale_OI, rotated tokens): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I),
-    and (g Q_S, ā Q_A) where the chosen order rotated them (None where it did not).
+    """(R_BOI, scale_OI, rotated tokens): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I,
+    or not asked for), and (g Q_S, ā Q_A) where the chosen order rotated them (None where it did not).
 
     s_ℓ = Σ R² · scale and W = R · √scale. identity and diagonal work in the original basis.
     """
+    inverse = lambda: 1 / (factors.lambda_OI + factors.damping) if scale else None  # noqa: E731
     if strategy in ("kfac", "ekfac"):
         R_BOI, g_rotated, a_rotated = rotated_gradients(g_BTO, a_BTI, factors.QS_OO, factors.QA_II)
-        return R_BOI, 1 / (factors.lambda_OI + factors.damping), (g_rotated, a_rotated)
+        return R_BOI, inverse(), (g_rotated, a_rotated)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
     if strategy == "identity":
         return DW_BOI, None, (g_BTO, a_BTI)
     if strategy == "diagonal":
-        return DW_BOI, 1 / (factors.lambda_OI + factors.damping), (g_BTO, a_BTI)
+        return DW_BOI, inverse(), (g_BTO, a_BTI)
     raise ValueError(f"strategy {strategy!r} has no per-layer whitening; self-influence supports {', '.join(STRATEGIES)}")
 
 
@@ -223,14 +224,10 @@ def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
                       inverse_KI, inverse_OJ, inverse_KI.sqrt(), inverse_OJ.sqrt())
 
 
-def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, cut: Truncation, *,
-                             per_token: bool = False, sketch: tuple | None = None
+def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, plan: "LayerPlan", *, per_token: bool = False
                              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring).
-
-    layer and cut in the dtype and on the device of the gradients; sketch: (Ω_O Q_S, Q_Aᵀ Ω_I, Ω_O, Ω_I) of
-    `sketch_maps`.
-    """
+    """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring)."""
+    layer, cut = plan.factors, plan.cut
     B, O, J = g_BTO.shape[0], layer.out_dim, len(cut.columns_J)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
     rows_BKI = cut.QS_OK.T @ DW_BOI  # Q_Kᵀ DW
@@ -244,22 +241,26 @@ def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, layer: LayerFactors, 
     left_BOX = torch.cat([cut.QS_OK.expand(B, O, K), columns_BOJ - cut.QS_OK @ (rows_BKI @ cut.QA_IJ)], 2)
     right_BXI = torch.cat([rows_BKI, cut.QA_IJ.T.expand(B, J, I)], 1)
     E_BOI = DW_BOI.baddbmm_(left_BOX, right_BXI, alpha=-1)
-    outside_B = torch.linalg.vector_norm(E_BOI.flatten(1), dim=1).square()
-    inside_B = (R_BKI.square() * cut.inverse_KI).sum((1, 2)) + (R_BOJ.square() * cut.inverse_OJ).sum((1, 2))
-    s_B = outside_B / layer.damping + inside_B
+    outside_B = _squared_norms(E_BOI)
+    W_BKI, W_BOJ = R_BKI * cut.root_KI, R_BOJ * cut.root_OJ  # P^{1/2} on the cross: Σ W² = Σ R² / (Λ + λ)
+    s_B = outside_B / layer.damping + _squared_norms(W_BKI) + _squared_norms(W_BOJ)
     error_B = cut.w_rest * outside_B / layer.damping
     tokens_BT = sketch_BK = None
     if per_token:  # g_tᵀ P(DW) ā_t
         X_BOI = (E_BOI / layer.damping + cut.QS_OK @ (R_BKI * cut.inverse_KI) @ layer.QA_II.T
                  + layer.QS_OO @ (R_BOJ * cut.inverse_OJ) @ cut.QA_IJ.T)
         tokens_BT = token_products(g_BTO, X_BOI, a_BTI)
-    if sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I
-        left_KO, right_IK, plain_KO, plain_IK = (m.to(DW_BOI) for m in sketch)
-        sketch_BK = (plain_KO @ E_BOI @ plain_IK) * layer.damping**-0.5
-        sketch_BK = sketch_BK + left_KO[:, cut.rows_K] @ (R_BKI * cut.root_KI) @ right_IK
-        sketch_BK = sketch_BK + left_KO @ (R_BOJ * cut.root_OJ) @ right_IK[cut.columns_J]
+    if plan.sketch is not None:  # Ω_O P^{1/2}(DW) Ω_I
+        maps = plan.sketch
+        sketch_BK = (maps.plain_KO @ E_BOI @ maps.plain_IK) * layer.damping**-0.5
+        sketch_BK = sketch_BK.baddbmm_(maps.left_rows_KK @ W_BKI, maps.right_IK.expand(B, I, -1))
+        sketch_BK = sketch_BK.baddbmm_(maps.left_KO @ W_BOJ, maps.right_columns_JK.expand(B, J, -1))
         sketch_BK = sketch_BK.flatten(1)
     return s_B, error_B, tokens_BT, sketch_BK
+
+
+def _squared_norms(X_BXY: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X_BXY.flatten(1), dim=1).square()
 
 
 def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
@@ -267,14 +268,81 @@ def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
     return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
 
 
-def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtype, *, per_token: bool = False,
-                         sketch: dict | None = None, cuts: dict[str, Truncation] | None = None
+@dataclass(frozen=True)
+class SketchMaps:
+    """One layer's maps of the whole-corpus sketch (module docstring): Ω_O Q_S [k, O] and Q_Aᵀ Ω_I [I, k] for a
+    gradient in the eigenbasis (Ω_O, Ω_I for identity and diagonal), the plain Ω_O and Ω_I for one in the original
+    basis, and, with a tolerance's cross, the columns of Ω_O Q_S at its rows and the rows of Q_Aᵀ Ω_I at its columns."""
+
+    left_KO: Tensor
+    right_IK: Tensor
+    plain_KO: Tensor
+    plain_IK: Tensor
+    left_rows_KK: Tensor | None = None
+    right_columns_JK: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's constants for a whole pass, made once in the compute dtype on the gradients' device."""
+
+    factors: LayerFactors
+    root_OI: Tensor | None  # 1 / √(Λ + λ) (kfac/ekfac: in the eigenbasis); None where P = I
+    cut: Truncation | None = None  # a tolerance's cross
+    sketch: SketchMaps | None = None
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """What `batch_self_influence` needs besides the batch: {layer: LayerPlan} (kfac/ekfac/diagonal/identity) or,
+    for the exact strategy, the one Gaussian Ω [P, k²] of its sketch."""
+
+    dtype: torch.dtype
+    layers: dict[str, LayerPlan]
+    exact_sketch: Tensor | None = None
+    per_token: bool = False
+
+
+def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.device | str = "cpu") -> AuditPlan:
+    """The pass's constants: factors in the compute dtype, 1 / √(Λ + λ), a tolerance's crosses and the sketch maps.
+
+    Blocked factors are never cut (they rotate cheaply). Seeded by the layers' names: every process and every run
+    draws the same Ω.
+    """
+    dtype = getattr(torch, config.compute_dtype)
+    side = config.duplicate_sketch
+    if factors.strategy == "exact":
+        size = sum(layer.out_dim * layer.in_dim for layer in factors.layers)
+        omega = torch.randn(size, side * side, generator=_seeded("exact"), dtype=torch.float64) / side if side else None
+        return AuditPlan(dtype, {}, None if omega is None else omega.to(device), config.per_token)
+    plans = {}
+    for layer in factors.layers:
+        moved = layer.to(dtype, device)
+        root_OI = None if factors.strategy == "identity" else (moved.lambda_OI + moved.damping).rsqrt()
+        cut = None
+        if config.tolerance > 0 and factors.strategy in ("kfac", "ekfac") and isinstance(layer.QS_OO, Tensor) \
+                and isinstance(layer.QA_II, Tensor):
+            cut = truncation(layer, config.tolerance).to(dtype, device)
+        maps = None
+        if side:
+            left_KO, right_IK, plain_KO, plain_IK = (m.to(device=device, dtype=dtype)
+                                                     for m in _sketch_maps(layer, factors.strategy, side))
+            maps = SketchMaps(left_KO, right_IK, plain_KO, plain_IK)
+            if cut is not None:
+                maps = dataclasses.replace(maps, left_rows_KK=left_KO[:, cut.rows_K].contiguous(),
+                                           right_columns_JK=right_IK[cut.columns_J].contiguous())
+        plans[layer.name] = LayerPlan(moved, root_OI, cut, maps)
+    return AuditPlan(dtype, plans, None, config.per_token)
+
+
+def batch_self_influence(item: BatchCapture, factors: Factors, plan: AuditPlan
                          ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]:
     """({layer: s_B}, tokens_BT or None, sketch_BK or None, error_B or None) of one captured batch (on the CPU).
 
-    sketch: `sketch_maps(factors, k)`, or None for no sketch. cuts: {layer: `truncation`} for a tolerance
-    (a layer whose cross costs more than a full rotation at this length is rotated in full).
+    A layer with a tolerance's cross is rotated in full where the cross costs more than a full rotation at this
+    batch's length.
     """
+    dtype, per_token = plan.dtype, plan.per_token
     names = factors.layer_names
     grads = {n: item.grads[n].to(dtype) for n in names}
     acts = {n: item.acts[n].to(dtype) for n in names}
@@ -287,59 +355,45 @@ def batch_self_influence(item: BatchCapture, factors: Factors, dtype: torch.dtyp
             per_layer[n] = (P[n].to(dtype) * DW_BOI).sum((1, 2)).cpu()
             if per_token:
                 tokens_BT = add(tokens_BT, token_products(grads[n], P[n].to(dtype), acts[n]))
-        if sketch is not None:
-            sketch_BK = (_exact_whitened(grads, acts, factors) @ sketch["exact"].to(torch.float64)).to(dtype).cpu()
+        if plan.exact_sketch is not None:
+            sketch_BK = (_exact_whitened(grads, acts, factors) @ plan.exact_sketch).to(dtype).cpu()
         return per_layer, None if tokens_BT is None else tokens_BT.cpu(), sketch_BK, None
-    for layer in factors.layers:
-        moved = layer.to(dtype, grads[layer.name].device)
-        g_BTO, a_BTI = grads[layer.name], acts[layer.name]
-        cut = (cuts or {}).get(layer.name)
-        if cut is not None and cut.worth_it(g_BTO.shape[1], layer.out_dim, layer.in_dim):
-            s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(
-                g_BTO, a_BTI, moved, cut.to(dtype, g_BTO.device), per_token=per_token,
-                sketch=None if sketch is None else sketch[layer.name])
-            per_layer[layer.name] = s_B.cpu()
+    for name in names:
+        layer_plan, g_BTO, a_BTI = plan.layers[name], grads[name], acts[name]
+        moved, cut = layer_plan.factors, layer_plan.cut
+        if cut is not None and cut.worth_it(g_BTO.shape[1], moved.out_dim, moved.in_dim):
+            s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(g_BTO, a_BTI, layer_plan,
+                                                                              per_token=per_token)
+            per_layer[name] = s_B.cpu()
             error_B = add(error_B, layer_error_B)
             tokens_BT = tokens_BT if layer_BT is None else add(tokens_BT, layer_BT)
             sketch_BK = sketch_BK if layer_BK is None else add(sketch_BK, layer_BK)
             continue
-        R_BOI, scale_OI, (g_rotated, a_rotated) = layer_whitening(g_BTO, a_BTI, moved, factors.strategy)
-        X_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI
-        per_layer[layer.name] = (R_BOI * X_BOI).sum((1, 2)).cpu()
-        if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t)
+        R_BOI, _, (g_rotated, a_rotated) = layer_whitening(g_BTO, a_BTI, moved, factors.strategy, scale=False)
+        W_BOI = R_BOI if layer_plan.root_OI is None else R_BOI * layer_plan.root_OI  # s_ℓ = ‖W‖²
+        per_layer[name] = _squared_norms(W_BOI).cpu()
+        if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t), X = W ⊙ root
+            X_BOI = W_BOI if layer_plan.root_OI is None else W_BOI * layer_plan.root_OI
             g_rotated = g_BTO @ moved.QS_OO if g_rotated is None else g_rotated
             a_rotated = a_BTI @ moved.QA_II if a_rotated is None else a_rotated
             tokens_BT = add(tokens_BT, token_products(g_rotated, X_BOI, a_rotated))
-        if sketch is not None:
-            left_KO, right_IK = (m.to(R_BOI) for m in sketch[layer.name][:2])
-            W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
-            sketch_BK = add(sketch_BK, (left_KO @ W_BOI @ right_IK).flatten(1))
-    if cuts and error_B is None:
+        if layer_plan.sketch is not None:
+            sketch_BK = add(sketch_BK, (layer_plan.sketch.left_KO @ W_BOI @ layer_plan.sketch.right_IK).flatten(1))
+    if error_B is None and any(layer_plan.cut is not None for layer_plan in plan.layers.values()):
         error_B = torch.zeros(next(iter(per_layer.values())).shape, dtype=dtype)
     return (per_layer, None if tokens_BT is None else tokens_BT.cpu(), None if sketch_BK is None else sketch_BK.cpu(),
             None if error_B is None else error_B.cpu())
 
 
-def sketch_maps(factors: Factors, side: int) -> dict:
-    """The fixed maps of the whole-corpus sketch (module docstring): {layer: (Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k], Ω_O, Ω_I)}.
-
-    identity and diagonal whiten in the original basis, so their maps are Ω_O and Ω_I; the exact
-    strategy's whitened gradient couples the layers, so it is sketched by one Gaussian {"exact": Ω [P, k²]}.
-    Seeded by the layer's name: every process and every run draws the same Ω.
-    """
-    if factors.strategy == "exact":
-        size = sum(layer.out_dim * layer.in_dim for layer in factors.layers)
-        return {"exact": torch.randn(size, side * side, generator=_seeded("exact"), dtype=torch.float64) / side}
-    maps = {}
-    for layer in factors.layers:
-        generator = _seeded(layer.name)
-        omega_KO = torch.randn(side, layer.out_dim, generator=generator, dtype=torch.float64) / side**0.5
-        omega_IK = torch.randn(layer.in_dim, side, generator=generator, dtype=torch.float64) / side**0.5
-        plain = (omega_KO, omega_IK)
-        if factors.strategy in ("kfac", "ekfac"):
-            omega_KO, omega_IK = omega_KO @ layer.QS_OO.double(), layer.QA_II.double().T @ omega_IK
-        maps[layer.name] = (omega_KO, omega_IK, *plain)
-    return maps
+def _sketch_maps(layer: LayerFactors, strategy: str, side: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k], Ω_O, Ω_I) in float64, seeded by the layer's name; identity and diagonal
+    whiten in the original basis, so their maps are Ω_O and Ω_I."""
+    generator = _seeded(layer.name)
+    omega_KO = torch.randn(side, layer.out_dim, generator=generator, dtype=torch.float64) / side**0.5
+    omega_IK = torch.randn(layer.in_dim, side, generator=generator, dtype=torch.float64) / side**0.5
+    if strategy in ("kfac", "ekfac"):
+        return omega_KO @ layer.QS_OO.double(), layer.QA_II.double().T @ omega_IK, omega_KO, omega_IK
+    return omega_KO, omega_IK, omega_KO, omega_IK
 
 
 def _seeded(name: str) -> torch.Generator:
@@ -361,18 +415,12 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
     layers = check_factors_match(factors, model)
     if factors.strategy not in STRATEGIES:
         raise ValueError(f"self-influence needs one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
-    dtype = getattr(torch, config.compute_dtype)
     local, start = _restore(checkpoint, factors.layer_names)
-    sketch = sketch_maps(factors, config.duplicate_sketch) if config.duplicate_sketch else None
-    cuts = None
-    if config.tolerance > 0 and factors.strategy in ("kfac", "ekfac"):
-        cuts = {layer.name: truncation(layer, config.tolerance).to(dtype) for layer in factors.layers
-                if isinstance(layer.QS_OO, Tensor) and isinstance(layer.QA_II, Tensor)}  # blocked factors rotate cheaply
+    plan = plan_audit(factors, config, device_of(model))
     with evaluation_mode(model):
         for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
                                  show_progress=show_progress, start=start):
-            local[item.index] = batch_self_influence(item, factors, dtype, per_token=config.per_token, sketch=sketch,
-                                                     cuts=cuts)
+            local[item.index] = batch_self_influence(item, factors, plan)
             if checkpoint is not None and checkpoint.due(item.index + 1):
                 _save(checkpoint, local, item.index + 1, factors.layer_names)
     merged = distributed.gather_by_key(local)
