@@ -82,7 +82,8 @@ def fit_factors(model: nn.Module, train_batches: Iterable, objective: Objective,
                 # off the device before the next group: the budget is per group
                 fitted += [layer.to(torch.float64, "cpu") for layer in group_fitted] if len(groups) > 1 else group_fitted
     for layer in fitted:
-        check_finite("factors", layer.tensors(), "the fitted factors")
+        for key, value in layer.tensors().items():
+            check_finite(f"factor {key}", {layer.name: value}, "the fitted factors")
         if layer.lambda_OI is not None:
             layer.damping = damping_for(layer.lambda_OI, config)
     if owners is not None:  # each owner's dampings to every process (the manifest lists them all)

@@ -206,6 +206,32 @@ def test_fitting_in_groups_of_layers_under_a_memory_budget_gives_the_same_factor
         assert b.damping == pytest.approx(a.damping, rel=1e-10)
 
 
+def test_non_finite_fitted_factors_are_refused_naming_the_layer_and_the_factor(trained_llama, monkeypatch):
+    """A NaN that appears only after the passes (here: one eigendecomposition that fails) is caught before the
+    factors are returned, and the error names the layer and which of its factors holds it."""
+    import ekfac_influence.fit as fit
+    from ekfac_influence.passes import NonFiniteError
+
+    train, config = lm_batches(char_sequences(8, 16), 4), ei.FactorConfig(strategy="kfac", factor_dtype="float64")
+    clean = ei.fit_factors(trained_llama, train, ei.CausalLMObjective(), config, show_progress=False)
+    seen, eigendecompose = [], fit.eigendecompose
+
+    def failing(cov_XX):
+        eigenvalues_X, eigenvectors_XX = eigendecompose(cov_XX)
+        seen.append(cov_XX)
+        if len(seen) == 4:
+            eigenvectors_XX = torch.full_like(eigenvectors_XX, float("nan"))
+        return eigenvalues_X, eigenvectors_XX
+
+    monkeypatch.setattr(fit, "eigendecompose", failing)
+    with pytest.raises(NonFiniteError) as raised:
+        ei.fit_factors(trained_llama, train, ei.CausalLMObjective(), config, show_progress=False)
+    # the layer and side whose covariance was the fourth one decomposed
+    (name, key), = [(layer.name, {"A_II": "QA_II", "S_OO": "QS_OO"}[side]) for layer in clean.layers
+                    for side in ("A_II", "S_OO") if torch.equal(getattr(layer, side), seen[3])]
+    assert f"the factor {key} of layer {name} in the fitted factors" in str(raised.value)
+
+
 def test_running_covariance_sums_equal_the_dense_products_of_all_rows():
     """`add_covariance` over batches (large factors as products of their halves, odd sizes, blocks, float32
     products into float64 sums) equals xᵀx of all rows at once, computed in float64."""
