@@ -7,7 +7,7 @@ the sign cancels in every product below):
     s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) = Σ_ℓ s_ℓ(n)          (self-influence, ≥ 0)
     identity:   s_ℓ = ‖DW‖²             diagonal: s_ℓ = Σ DW² ⊘ (Λ + λ)
     kfac/ekfac: s_ℓ = Σ R² ⊘ (Λ + λ),  R = Q_Sᵀ DW Q_A   (rotate, then square: P(DW) is never formed;
-                R in the cheapest of four contraction orders, `rotation_costs`)
+                R in the cheapest of four contraction orders, `factors.rotation_costs`)
     exact:      s_ℓ = ⟨P(DW)_ℓ, DW_ℓ⟩, P the dense damped Gauss-Newton solve (layers coupled)
     per token:  s_t(n) = Σ_ℓ g_tᵀ P(DW_n)_ℓ ā_t = Σ_ℓ (Q_Sᵀ g_t)ᵀ [R ⊘ (Λ + λ)] (Q_Aᵀ ā_t)
 
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import SelfInfluenceConfig
-from .factors import Factors, LayerFactors, check_factors_match, sequence_gradients
+from .factors import Factors, LayerFactors, check_factors_match, rotated_gradients, rotation_costs, sequence_gradients
 from .objectives import Objective
 from .passes import BatchCapture, capture_pass, device_of, evaluation_mode
 from .precondition import exact_inverse_product
@@ -90,43 +90,6 @@ class SelfInfluenceResult:
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-ROTATION_ORDERS = ("tokens", "sequences", "inputs first", "outputs first")
-
-
-def rotation_costs(T: int, O: int, I: int) -> dict[str, int]:
-    """Multiply-adds per sequence of R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ā_t)ᵀ in each order.
-
-    tokens: rotate every g_t and ā_t, then sum the products; sequences: form DW, then rotate both of
-    its sides; inputs first: rotate the ā_t, sum, then Q_Sᵀ from the left (cheaper when I < T < O);
-    outputs first: rotate the g_t, sum, then Q_A from the right (when O < T < I).
-    """
-    return {"tokens": T * (O * O + I * I) + T * O * I, "sequences": T * O * I + O * I * (O + I),
-            "inputs first": T * I * I + T * O * I + O * O * I, "outputs first": T * O * O + T * O * I + O * I * I}
-
-
-def rotation_order(T: int, O: int, I: int) -> str:
-    costs = rotation_costs(T, O, I)
-    return min(costs, key=costs.get)  # ties go to the order listed first
-
-
-def rotated_gradients(g_BTO: Tensor, a_BTI: Tensor, QS_OO, QA_II, order: str | None = None
-                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(R_BOI = Q_Sᵀ DW_n Q_A, the rotated g_BTO Q_S or None, the rotated ā_BTI Q_A or None) in the cheapest order."""
-    order = order or rotation_order(g_BTO.shape[1], g_BTO.shape[2], a_BTI.shape[2])
-    if order == "tokens":
-        g_BTO, a_BTI = g_BTO @ QS_OO, a_BTI @ QA_II
-        return sequence_gradients(g_BTO, a_BTI), g_BTO, a_BTI
-    if order == "sequences":
-        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI) @ QA_II, None, None
-    if order == "inputs first":
-        a_BTI = a_BTI @ QA_II
-        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI), None, a_BTI
-    if order == "outputs first":
-        g_BTO = g_BTO @ QS_OO
-        return sequence_gradients(g_BTO, a_BTI) @ QA_II, g_BTO, None
-    raise ValueError(f"rotation order must be one of {', '.join(ROTATION_ORDERS)}, not {order!r}")
 
 
 def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str, *, scale: bool = True

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "lissa", "exact")
 DTYPES = ("float32", "float64")
-CORRECTION_ORDERS = ("auto", "tokens", "sequences")
+ROTATION_ORDERS = ("tokens", "sequences", "inputs first", "outputs first")  # factors.rotation_costs
+CORRECTION_ORDERS = ("auto", *ROTATION_ORDERS)
 SHARDINGS = ("none", "auto")
 
 
@@ -84,7 +85,8 @@ class FactorConfig:
     process (docs/scaling.md); "none" keeps every layer's factors on every process."""
 
     correction_order: str = "auto"
-    """EK-FAC contraction order: rotate tokens first, rotate per-sequence gradients, or auto (cheaper)."""
+    """EK-FAC correction's rotation order (factors.rotation_costs): rotate the tokens, rotate the per-sequence
+    gradients, rotate the inputs first or the output gradients first; auto: the cheapest for the shape."""
 
     blocks: int = 1
     """Split A and S into this many diagonal blocks (the paper's 52B setting: 2); 1 = full factors."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .config import FactorConfig, from_dict, to_dict
+from .config import ROTATION_ORDERS, FactorConfig, from_dict, to_dict
 from .model import TrackedLayer, candidate_layers, fingerprint
 from .storage import (FACTORS_FILE, StorageError, read_manifest, read_shard_files, shard_file, write_sharded_stage,
                       write_stage)
@@ -166,20 +166,40 @@ def sequence_gradients(g_BTO: Tensor, a_BTI: Tensor) -> Tensor:
     return torch.bmm(g_BTO.transpose(1, 2), a_BTI)
 
 
+def rotation_costs(T: int, O: int, I: int) -> dict[str, int]:
+    """Multiply-adds per sequence of R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ ā_t)ᵀ in each order.
+
+    tokens: rotate every g_t and ā_t, then sum the products; sequences: form DW, then rotate both of
+    its sides; inputs first: rotate the ā_t, sum, then Q_Sᵀ from the left (cheaper when I < T < O);
+    outputs first: rotate the g_t, sum, then Q_A from the right (when O < T < I).
+    """
+    return {"tokens": T * (O * O + I * I) + T * O * I, "sequences": T * O * I + O * I * (O + I),
+            "inputs first": T * I * I + T * O * I + O * O * I, "outputs first": T * O * O + T * O * I + O * I * I}
+
+
 def rotation_order(T: int, O: int, I: int) -> str:
-    """'tokens' when rotating each token (T·(O² + I²) flops) beats rotating DW (O·I·(O + I))."""
-    return "tokens" if T * (O * O + I * I) < O * I * (O + I) else "sequences"
+    costs = rotation_costs(T, O, I)
+    return min(costs, key=costs.get)  # ties go to the order listed first
 
 
-def rotated_sequence_gradients(g_BTO: Tensor, a_BTI: Tensor, QS_OO: Tensor, QA_II: Tensor, order: str = "auto") -> Tensor:
-    """Q_Sᵀ DW_n Q_A for every sequence of the batch, [B, O, I], in the cheaper contraction order."""
-    B, T, O = g_BTO.shape
-    I = a_BTI.shape[-1]
+def rotated_gradients(g_BTO: Tensor, a_BTI: Tensor, QS_OO, QA_II, order: str = "auto"
+                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(R_BOI = Q_Sᵀ DW_n Q_A, the rotated g_BTO Q_S or None, the rotated ā_BTI Q_A or None) in `order`, or with
+    "auto" the cheapest one (`rotation_costs`). The EK-FAC correction squares R; self-influence weighs it."""
     if order == "auto":
-        order = rotation_order(T, O, I)
+        order = rotation_order(g_BTO.shape[1], g_BTO.shape[2], a_BTI.shape[2])
     if order == "tokens":
-        return sequence_gradients(g_BTO @ QS_OO, a_BTI @ QA_II)
-    return QS_OO.T @ sequence_gradients(g_BTO, a_BTI) @ QA_II
+        g_BTO, a_BTI = g_BTO @ QS_OO, a_BTI @ QA_II
+        return sequence_gradients(g_BTO, a_BTI), g_BTO, a_BTI
+    if order == "sequences":
+        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI) @ QA_II, None, None
+    if order == "inputs first":
+        a_BTI = a_BTI @ QA_II
+        return QS_OO.T @ sequence_gradients(g_BTO, a_BTI), None, a_BTI
+    if order == "outputs first":
+        g_BTO = g_BTO @ QS_OO
+        return sequence_gradients(g_BTO, a_BTI) @ QA_II, g_BTO, None
+    raise ValueError(f"rotation order must be auto or one of {', '.join(ROTATION_ORDERS)}, not {order!r}")
 
 
 def damping_for(lambda_OI: Tensor, config: FactorConfig) -> float:

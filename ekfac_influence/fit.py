@@ -24,7 +24,7 @@ from . import distributed
 from .config import FactorConfig
 from .factors import (BlockDiagonal, Factors, LayerFactors, add_covariance, assign_owners, block_slices, blocked_covariance,
                       damping_for, eigendecompose, factor_blocks, flatten_blocks, parts,
-                      rotated_sequence_gradients, sequence_gradients, unflatten_blocks)
+                      rotated_gradients, sequence_gradients, unflatten_blocks)
 from .model import TrackedLayer, fingerprint, select_layers
 from .objectives import Objective, at_least_float32, batch_size
 from .passes import capture_pass, check_finite, device_of, evaluation_mode, require_reiterable
@@ -271,7 +271,7 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
             g_BTO = at_least_float32(item.grads[layer.name])
             QS_OO, QA_II = (Q.to(g_BTO.device, g_BTO.dtype) for Q in rotations[layer.name])
             part_OI = _sum_over_sequences(
-                lambda g, a: rotated_sequence_gradients(g, a, QS_OO, QA_II, config.correction_order).square(),
+                lambda g, a: rotated_gradients(g, a, QS_OO, QA_II, config.correction_order)[0].square(),
                 g_BTO, at_least_float32(item.draw_acts(layer.name)), layer).to(dtype)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
         _save_partial(checkpoint, "correction", item.index + 1, {"lambda": sums}, num_sequences, 0)

@@ -3,7 +3,7 @@
 Scores (`ekfac_influence.scores`): one layer of the engine benchmark's shape (O × I = 512 × 128), a
 batch of B = 8 sequences of T = 128 positions, Q dense query gradients (or rank-32 ones), a share
 of the positions padding (right-padded; the first sequence is full, so no position can be trimmed). Each form that applies is timed,
-and the cost model's choice (`choose_form`) is marked. Self-influence (`audit.rotated_gradients`):
+and the cost model's choice (`choose_form`) is marked. Self-influence and the EK-FAC correction (`factors.rotated_gradients`):
 the rotation R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A of B = 8 sequences in each of its four orders, for
 several T and two layer shapes, the cost model's choice marked.
 
@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from ekfac_influence.audit import ROTATION_ORDERS, rotated_gradients, rotation_order
+from ekfac_influence.config import ROTATION_ORDERS
+from ekfac_influence.factors import rotated_gradients, rotation_order
 from ekfac_influence.precondition import LowRank
 from ekfac_influence.scores import choose_form, layer_scores, trimmed
 

@@ -9,7 +9,8 @@ from torch.testing import assert_close
 
 import ekfac_influence as ei
 from ekfac_influence.reference import exact_ggn
-from ekfac_influence.factors import rotated_sequence_gradients, sequence_gradients
+from ekfac_influence.config import ROTATION_ORDERS
+from ekfac_influence.factors import rotated_gradients, rotation_costs, rotation_order, sequence_gradients
 from ekfac_influence.hooks import Capture
 from ekfac_influence.objectives import batch_size
 from ekfac_influence.passes import capture_pass
@@ -64,13 +65,32 @@ def test_damped_inverse_with_tiny_damping_inverts_the_kronecker_product():
     assert_close(eigenbasis_inverse_product(S @ V @ A, QS, QA, torch.outer(eigS, eigA), 0.0), V)
 
 
-@pytest.mark.parametrize("order", ["tokens", "sequences"])
-def test_both_contraction_orders_rotate_the_summed_gradient(order):
-    """Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A, whichever side is rotated first."""
-    generator = torch.Generator().manual_seed(2)
-    g, a = torch.randn(3, 5, 4, generator=generator, dtype=torch.float64), torch.randn(3, 5, 6, generator=generator, dtype=torch.float64)
-    QS, QA = random_orthogonal(4, generator), random_orthogonal(6, generator)
-    assert_close(rotated_sequence_gradients(g, a, QS, QA, order), QS.T @ sequence_gradients(g, a) @ QA)
+@pytest.mark.parametrize("T, O, I, expected", [(4, 12, 10, "tokens"), (100, 6, 5, "sequences"),
+                                               (20, 40, 4, "inputs first"), (20, 4, 40, "outputs first")])
+def test_each_rotation_order_is_chosen_where_it_is_cheapest_and_all_give_the_rotation_of_the_sequence_gradient(
+        T, O, I, expected):
+    """R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A, written out, against every order on a shape where `expected` is the cheapest."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(3, T, O, generator=generator, dtype=torch.float64)
+    a = torch.randn(3, T, I, generator=generator, dtype=torch.float64)
+    QS = torch.linalg.qr(torch.randn(O, O, generator=generator, dtype=torch.float64))[0]
+    QA = torch.linalg.qr(torch.randn(I, I, generator=generator, dtype=torch.float64))[0]
+    reference = torch.einsum("op,bto,bti,iq->bpq", QS, g, a, QA)
+    costs = rotation_costs(T, O, I)
+    assert rotation_order(T, O, I) == expected and costs[expected] == min(costs.values())
+    for order in ROTATION_ORDERS:
+        with FlopCounterMode(display=False) as counted:  # the cost model counts what the kernels do
+            R, g_rotated, a_rotated = rotated_gradients(g, a, QS, QA, order)
+        assert counted.get_total_flops() == 2 * 3 * costs[order], order
+        assert_close(R, reference, msg=order)
+        for rotated, plain, Q in ((g_rotated, g, QS), (a_rotated, a, QA)):
+            if rotated is not None:
+                assert_close(rotated, plain @ Q, msg=order)
+    assert_close(rotated_gradients(g, a, QS, QA)[0], reference, msg="auto")
+    with pytest.raises(ValueError, match="rotation order must be auto or one of tokens, sequences"):
+        rotated_gradients(g, a, QS, QA, "columns")
 
 
 def test_covariances_are_averages_over_real_tokens_and_ekfac_eigenvalues_over_sequences(trained_llama):
@@ -277,9 +297,11 @@ def test_block_diagonal_factors_multiply_like_their_dense_matrix_and_are_stored_
     assert_close(y.transpose(1, 2) @ Q, y.transpose(1, 2) @ Q.dense())
     g_BTO, a_BTI = torch.randn(2, 6, 7, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
     QA = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
-    for order in ("tokens", "sequences"):
-        assert_close(rotated_sequence_gradients(g_BTO, a_BTI, Q, QA, order),
-                     rotated_sequence_gradients(g_BTO, a_BTI, Q.dense(), QA, order))
+    for order in ROTATION_ORDERS:
+        for blocked, dense in zip(rotated_gradients(g_BTO, a_BTI, Q, QA, order), rotated_gradients(g_BTO, a_BTI, Q.dense(), QA, order)):
+            assert (blocked is None) == (dense is None)
+            if blocked is not None:
+                assert_close(blocked, dense)
     lambda_OI = torch.rand(7, 5, dtype=torch.float64)
     V_QOI = torch.randn(3, 7, 5, dtype=torch.float64)
     assert_close(eigenbasis_inverse_product(V_QOI, Q, QA, lambda_OI, 0.1),

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 import ekfac_influence as ei
+from ekfac_influence.config import ROTATION_ORDERS
 from ekfac_influence.precondition import LowRank, compress
 from ekfac_influence.scores import (choose_form, contraction_costs, dense_sequence_scores, dense_token_scores, layer_scores,
                                     low_rank_token_scores, scoring_form)
@@ -232,7 +233,7 @@ def test_query_scores_do_not_depend_on_how_queries_are_batched(fitted):
     assert_close(one_by_one.scores, together.scores)
 
 
-@pytest.mark.parametrize("order", ["tokens", "sequences"])
+@pytest.mark.parametrize("order", ROTATION_ORDERS)
 def test_ekfac_contraction_order_does_not_change_the_factors(trained_llama, order):
     train = lm_batches(char_sequences(8, 16), 4)
     objective = ei.CausalLMObjective()

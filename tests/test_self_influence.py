@@ -10,6 +10,9 @@ from torch.testing import assert_close
 import ekfac_influence as ei
 from conftest import char_sequences, lm_batches
 from ekfac_influence import audit
+from ekfac_influence import factors as factors_module
+from ekfac_influence.config import ROTATION_ORDERS
+from ekfac_influence.factors import rotation_costs
 from ekfac_influence.storage import PassCheckpoint
 
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "exact"]
@@ -350,42 +353,14 @@ def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_sc
     assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
 
 
-@pytest.mark.parametrize("T, O, I, expected", [(4, 12, 10, "tokens"), (100, 6, 5, "sequences"),
-                                               (20, 40, 4, "inputs first"), (20, 4, 40, "outputs first")])
-def test_each_rotation_order_is_chosen_where_it_is_cheapest_and_all_give_the_rotation_of_the_sequence_gradient(
-        T, O, I, expected):
-    """R = Q_Sᵀ (Σ_t g_t ā_tᵀ) Q_A, written out, against every order on a shape where `expected` is the cheapest."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ekfac_influence.factors import rotated_sequence_gradients
-
-    generator = torch.Generator().manual_seed(0)
-    g = torch.randn(3, T, O, generator=generator, dtype=torch.float64)
-    a = torch.randn(3, T, I, generator=generator, dtype=torch.float64)
-    QS = torch.linalg.qr(torch.randn(O, O, generator=generator, dtype=torch.float64))[0]
-    QA = torch.linalg.qr(torch.randn(I, I, generator=generator, dtype=torch.float64))[0]
-    reference = torch.einsum("op,bto,bti,iq->bpq", QS, g, a, QA)
-    costs = audit.rotation_costs(T, O, I)
-    assert audit.rotation_order(T, O, I) == expected and costs[expected] == min(costs.values())
-    for order in audit.ROTATION_ORDERS:
-        with FlopCounterMode(display=False) as counted:  # the cost model counts what the kernels do
-            R, g_rotated, a_rotated = audit.rotated_gradients(g, a, QS, QA, order)
-        assert counted.get_total_flops() == 2 * 3 * costs[order], order
-        assert_close(R, reference, msg=order)
-        for rotated, plain, Q in ((g_rotated, g, QS), (a_rotated, a, QA)):
-            if rotated is not None:
-                assert_close(rotated, plain @ Q, msg=order)
-    assert_close(audit.rotated_gradients(g, a, QS, QA)[0], rotated_sequence_gradients(g, a, QS, QA))  # the old form
-
-
-@pytest.mark.parametrize("order", audit.ROTATION_ORDERS)
+@pytest.mark.parametrize("order", ROTATION_ORDERS)
 def test_self_influence_tokens_and_sketches_do_not_depend_on_the_rotation_order(llama_factors, order, monkeypatch):
     """Every order forced on every layer gives the s(n), per-layer, per-token values and k × k sketches of the
     cost model's choice."""
     model, train, factors = llama_factors
     config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True)
     chosen = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), config, show_progress=False)
-    monkeypatch.setattr(audit, "rotation_order", lambda *shape: order)
+    monkeypatch.setattr(factors_module, "rotation_order", lambda *shape: order)
     forced = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), config, show_progress=False)
     assert_close(forced.values, chosen.values, rtol=1e-10, atol=0)
     for name in chosen.per_layer:
@@ -428,7 +403,7 @@ def test_the_truncation_cross_holds_every_direction_above_the_tolerance_and_boun
     layer = audit.LayerFactors(name="x", out_dim=O, in_dim=I, damping=1e-3, lambda_OI=lam_OI,
                                QS_OO=torch.eye(O, dtype=torch.float64), QA_II=torch.eye(I, dtype=torch.float64))
     cut = audit.truncation(layer, 0.05)
-    assert cut.worth_it(T=128, O=O, I=I) and cut.cost < 0.2 * min(audit.rotation_costs(128, O, I).values())
+    assert cut.worth_it(T=128, O=O, I=I) and cut.cost < 0.2 * min(rotation_costs(128, O, I).values())
 
 
 @pytest.fixture(scope="module")
