@@ -451,6 +451,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     started, objective = time.time(), CausalLMObjective()
     result = compute_self_influence(model, factors, training_loader(corpus, section.batch_size, section.num_workers),
                                     objective, section, show_progress=show_progress, checkpoint=checkpoint)
+    seconds = {"pass": time.time() - started}
     values_N = result.values.double().numpy()
     order = np.argsort(-values_N, kind="stable")
     groups = [] if result.sketch is None else near_duplicate_groups(result.sketch, section.duplicate_threshold)
@@ -458,6 +459,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
     detail = compute_self_influence(model, factors, _subset_loader(corpus, shown, section.batch_size), objective,
                                     dataclasses.replace(section, per_token=True), show_progress=False)
+    seconds["extremes per token"] = time.time() - started - seconds["pass"]
     if distributed.is_main():
         group_of = {n: g for g, members in enumerate(groups) for n in members}
 
@@ -479,7 +481,8 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
                     "tokenizer_id": corpus.tokenizer_id, "layers": factors.layer_names,
                     "duplicate_threshold": section.duplicate_threshold, "duplicate_sketch": section.duplicate_sketch,
                     "num_duplicate_groups": len(groups), "config": to_dict(section),
-                    "tolerance": section.tolerance, "max_relative_error": result.max_relative_error()}
+                    "tolerance": section.tolerance, "max_relative_error": result.max_relative_error(),
+                    "seconds": {step: round(value, 3) for step, value in seconds.items()}}
         write_audit(out, values_N, records, manifest, overwrite=overwrite)
         checkpoint.clear()
     distributed.barrier()

