@@ -443,28 +443,35 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     check_factors_match(factors, model)  # FactorMismatchError before any pass
     check_corpus_length(config, context_length(model, default=0))
     corpus = prepare_corpus(config, tokenizer, show_progress=show_progress)
+    top = min(section.top, len(corpus))
+    every_one_shown = 2 * top >= len(corpus)  # the highest and lowest are the whole corpus: per-token values in one pass
     key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
-           "batch_size": section.batch_size, "compute_dtype": section.compute_dtype, "tolerance": section.tolerance}
+           "batch_size": section.batch_size, "compute_dtype": section.compute_dtype, "tolerance": section.tolerance,
+           "per_token": every_one_shown}
     checkpoint = PassCheckpoint(run / f".{SELF_INFLUENCE}.partial", key, every_batches=section.checkpoint_batches,
                                 every_seconds=section.checkpoint_seconds)
     distributed.print0(f"self-influence of {len(corpus)} training sequences ({factors.strategy})")
     started, objective = time.time(), CausalLMObjective()
     result = compute_self_influence(model, factors, training_loader(corpus, section.batch_size, section.num_workers),
-                                    objective, section, show_progress=show_progress, checkpoint=checkpoint)
+                                    objective, dataclasses.replace(section, per_token=every_one_shown),
+                                    show_progress=show_progress, checkpoint=checkpoint)
     seconds = {"pass": time.time() - started}
     values_N = result.values.double().numpy()
     order = np.argsort(-values_N, kind="stable")
     groups = [] if result.sketch is None else near_duplicate_groups(result.sketch, section.duplicate_threshold)
-    top = min(section.top, len(order))
     shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
-    detail = compute_self_influence(model, factors, _subset_loader(corpus, shown, section.batch_size), objective,
-                                    dataclasses.replace(section, per_token=True), show_progress=False)
-    seconds["extremes per token"] = time.time() - started - seconds["pass"]
+    if every_one_shown:
+        detail, row_of = result, {n: n for n in shown}
+    else:
+        detail = compute_self_influence(model, factors, _subset_loader(corpus, shown, section.batch_size), objective,
+                                        dataclasses.replace(section, per_token=True), show_progress=False)
+        row_of = {n: i for i, n in enumerate(shown)}
+        seconds["extremes per token"] = time.time() - started - seconds["pass"]
     if distributed.is_main():
         group_of = {n: g for g, members in enumerate(groups) for n in members}
 
         def record(kind: str, rank: int, n: int) -> dict:
-            i = shown.index(n)
+            i = row_of[n]
             return sequence_record(kind, rank, n, float(values_N[n]), corpus, tokenizer,
                                    per_layer={k: float(v[i]) for k, v in detail.per_layer.items()},
                                    per_token=detail.per_token[i, : int(corpus.lengths_N[n])].tolist(), group=group_of.get(n))

@@ -212,6 +212,18 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     assert "<svg" in page and "<script" not in page and "default-src 'none'" in page
     assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["self_influence"]
     assert not (tmp_path / "runs" / "tiny" / ".self_influence.partial").exists()
+    # top ≥ N / 2: every sequence is shown, so the per-token values come from the one pass, equal to the second's
+    assert main(["self-influence", "--config", "run.yaml", "--overwrite", "--quiet", "--self_influence.top",
+                 str(len(values_N))]) == 0
+    assert set(json.loads((out / "manifest.json").read_text())["seconds"]) == {"pass"}
+    again = {(r["kind"], r["rank"]): r for r in map(json.loads, (out / "top.jsonl").read_text().splitlines())
+             if r["kind"] != "duplicate_group"}
+    for r in (r for r in records if r["kind"] != "duplicate_group"):
+        twin = again[r["kind"], r["rank"]]
+        assert twin["sequence"] == r["sequence"] and twin["text"] == r["text"]
+        assert twin["per_layer"] == pytest.approx(r["per_layer"], rel=1e-5)
+        assert twin["per_token"] == pytest.approx(r["per_token"], rel=1e-4, abs=1e-6 * max(map(abs, r["per_token"])))
+    assert main(["self-influence", "--config", "run.yaml", *overrides, "--overwrite"]) == 0
     capsys.readouterr()
     assert main(["self-influence", "--config", "run.yaml", "--quiet"]) == 2  # finished: not recomputed silently
     assert "--overwrite" in capsys.readouterr().err
