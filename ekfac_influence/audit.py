@@ -135,6 +135,11 @@ class Truncation:
         """Cheaper than the cheapest full rotation for sequences of T positions."""
         return T * O * I + self.cost < min(rotation_costs(T, O, I).values())
 
+    def ever_worth_it(self, O: int, I: int) -> bool:
+        """Cheaper than a full rotation at some length: rotating DW costs O·I·(O + I) beyond forming it, at every length,
+        so no rotation costs more; a cross that costs as much is never taken."""
+        return self.cost < O * I * (O + I)
+
     def to(self, dtype: torch.dtype, device=None) -> "Truncation":
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name, value in moved.items():
@@ -264,6 +269,7 @@ class AuditPlan:
     layers: dict[str, LayerPlan]
     exact_sketch: Tensor | None = None
     per_token: bool = False
+    tolerance: bool = False  # a tolerance was asked for (kfac/ekfac): every batch reports its error, zero where no layer was cut
 
 
 def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.device | str = "cpu") -> AuditPlan:
@@ -279,13 +285,14 @@ def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.devi
         omega = torch.randn(size, side * side, generator=_seeded("exact"), dtype=torch.float64) / side if side else None
         return AuditPlan(dtype, {}, None if omega is None else omega.to(device), config.per_token)
     plans = {}
+    tolerance = config.tolerance > 0 and factors.strategy in ("kfac", "ekfac")
     for layer in factors.layers:
         moved = layer.to(dtype, device)
         root_OI = None if factors.strategy == "identity" else (moved.lambda_OI + moved.damping).rsqrt()
         cut = None
-        if config.tolerance > 0 and factors.strategy in ("kfac", "ekfac") and isinstance(layer.QS_OO, Tensor) \
-                and isinstance(layer.QA_II, Tensor):
-            cut = truncation(layer, config.tolerance).to(dtype, device)
+        if tolerance and isinstance(layer.QS_OO, Tensor) and isinstance(layer.QA_II, Tensor):
+            cut = truncation(layer, config.tolerance)
+            cut = cut.to(dtype, device) if cut.ever_worth_it(layer.out_dim, layer.in_dim) else None
         maps = None
         if side:
             left_KO, right_IK, plain_KO, plain_IK = (m.to(device=device, dtype=dtype)
@@ -295,7 +302,7 @@ def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.devi
                 maps = dataclasses.replace(maps, left_rows_KK=left_KO[:, cut.rows_K].contiguous(),
                                            right_columns_JK=right_IK[cut.columns_J].contiguous())
         plans[layer.name] = LayerPlan(moved, root_OI, cut, maps)
-    return AuditPlan(dtype, plans, None, config.per_token)
+    return AuditPlan(dtype, plans, None, config.per_token, tolerance)
 
 
 def batch_self_influence(item: BatchCapture, factors: Factors, plan: AuditPlan
@@ -342,7 +349,7 @@ def batch_self_influence(item: BatchCapture, factors: Factors, plan: AuditPlan
             tokens_BT = add(tokens_BT, token_products(g_rotated, X_BOI, a_rotated))
         if layer_plan.sketch is not None:
             sketch_BK = add(sketch_BK, (layer_plan.sketch.left_KO @ W_BOI @ layer_plan.sketch.right_IK).flatten(1))
-    if error_B is None and any(layer_plan.cut is not None for layer_plan in plan.layers.values()):
+    if error_B is None and plan.tolerance:
         error_B = torch.zeros(next(iter(per_layer.values())).shape, dtype=dtype)
     return (per_layer, None if tokens_BT is None else tokens_BT.cpu(), None if sketch_BK is None else sketch_BK.cpu(),
             None if error_B is None else error_B.cpu())

@@ -198,7 +198,9 @@ def report(rows: dict, facts: dict, audits: dict, work: Path, args) -> None:
     (exact_manifest, exact_N), (cut_manifest, cut_N) = (audits[stage] for stage in AUDITS)
     relative = float(np.max((cut_N.astype(np.float64) - exact_N) / exact_N))
     print(f"\nε = {TOLERANCE}: s(n) off the exact audit by at most {relative:.2e} of itself (from above; float32 files); "
-          f"the bound the audit reported: {cut_manifest['max_relative_error']:.2e}")
+          f"the bound the audit reported: {cut_manifest['max_relative_error']:.2e}"
+          + (" (a bound of 0: no layer took the tolerance's cross, a full rotation cost less on every one at this length)"
+             if cut_manifest["max_relative_error"] == 0 else ""))
     print("\nseconds (process) include starting Python and loading the model; tokens / s divides the training tokens "
           "a stage works on (fit, index: the corpus; query: the corpus or the shortlist, once per query) by them.")
 

@@ -432,6 +432,7 @@ def damped_factors(llama_factors):
 def _every_cut_worth_it(monkeypatch):
     """The tiny model's layers are small enough that a full rotation is cheaper; force the cross to test its math."""
     monkeypatch.setattr(audit.Truncation, "worth_it", lambda self, T, O, I: True)
+    monkeypatch.setattr(audit.Truncation, "ever_worth_it", lambda self, O, I: True)
 
 
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
@@ -474,6 +475,22 @@ def test_a_tolerance_below_every_direction_gives_the_exact_self_influence(llama_
     assert_close(cut.values, exact.values, rtol=1e-10, atol=0)
     assert_close(cut.per_token, exact.per_token, rtol=1e-9, atol=1e-12)
     assert_close(cut.sketch, exact.sketch, rtol=1e-9, atol=1e-12)
+
+
+def test_a_cross_never_cheaper_than_a_full_rotation_is_not_kept_and_the_audit_is_exact(llama_factors):
+    """A tolerance below every direction puts all rows (or all columns) in the cross, which costs more than rotating DW
+    at any length: the plan keeps no cross (nor its copies of the eigenvectors), and the pass is exact, error 0."""
+    model, train, factors = llama_factors
+    config = ei.SelfInfluenceConfig(compute_dtype="float64", tolerance=1e-300)
+    plan = audit.plan_audit(factors["ekfac"], config)
+    assert all(layer.cut is None for layer in plan.layers.values())
+    whole = audit.truncation(factors["ekfac"].layers[0], 1e-300)
+    assert not whole.ever_worth_it(whole.QS_OK.shape[0], whole.QA_IJ.shape[0])
+    exact = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(),
+                              ei.SelfInfluenceConfig(compute_dtype="float64"), show_progress=False)
+    cut = ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), config, show_progress=False)
+    assert cut.max_relative_error() == 0 and exact.max_relative_error() is None
+    assert_close(cut.values, exact.values, rtol=1e-12, atol=0)
 
 
 def test_a_tolerance_outside_0_to_1_is_refused_by_name():
