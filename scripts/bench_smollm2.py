@@ -45,7 +45,7 @@ QUERIES = [{"id": "assert", "prompt": "Assert statements are a convenient way to
 
 TOLERANCE = 0.05
 AUDITS = ("self-influence (ekfac, exact)", f"self-influence (ekfac, ε = {TOLERANCE})")
-AUDIT_STEPS = {"pass": "the pass over every sequence (s(n), sketches)",
+AUDIT_STEPS = {"pass": "the pass over every sequence (s(n), sketches; per-token values too where 2 · top ≥ N)",
                "extremes per token": "per-token values of the highest and lowest"}
 QUERY_STEPS = {"complete": "encode (or complete) the queries, shortlist search, log p",
                "precondition": "query gradients and preconditioning (rank 32)",
