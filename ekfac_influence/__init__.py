@@ -29,8 +29,7 @@ from .version import __version__
 _EXPORTS = {  # public name -> the module that defines it
     "audit": ["SelfInfluenceResult", "self_influence"],
     "config": ["ConfigError", "EvaluateConfig", "FactorConfig", "QueryConfig", "ScoreConfig", "SelfInfluenceConfig"],
-    "data": ["DataError", "PackedCorpus", "Query", "load_corpus", "pack", "pack_to_disk", "query_batches",
-             "read_queries", "training_batches"],
+    "data": ["DataError", "PackedCorpus", "load_corpus", "pack", "pack_to_disk", "training_batches"],
     "evaluate": ["RecallAtK", "evaluate_lm", "recall_at_k", "shortlist_recall"],
     "factors": ["FactorMismatchError", "Factors", "LayerFactors"],
     "fit": ["fit_factors"],
@@ -41,6 +40,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "passes": ["NonFiniteError"],
     "planted": ["Fact", "invented_facts", "planted_fact_recall", "planted_recall"],
     "query": ["QueryResults", "query_influence"],
+    "query_inputs": ["Query", "query_batches", "read_queries"],
     "results": ["Results", "load_results"],
     "run_config": ["RunConfig", "load_run_config"],
     "scores": ["ScoreResult", "TopK", "top_k"],
@@ -69,8 +69,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from .audit import SelfInfluenceResult, self_influence
     from .config import ConfigError, EvaluateConfig, FactorConfig, QueryConfig, ScoreConfig, SelfInfluenceConfig
-    from .data import (DataError, PackedCorpus, Query, load_corpus, pack, pack_to_disk, query_batches, read_queries,
-                       training_batches)
+    from .data import DataError, PackedCorpus, load_corpus, pack, pack_to_disk, training_batches
     from .evaluate import RecallAtK, evaluate_lm, recall_at_k, shortlist_recall
     from .factors import FactorMismatchError, Factors, LayerFactors
     from .fit import fit_factors
@@ -81,6 +80,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .passes import NonFiniteError
     from .planted import Fact, invented_facts, planted_fact_recall, planted_recall
     from .query import QueryResults, query_influence
+    from .query_inputs import Query, query_batches, read_queries
     from .results import Results, load_results
     from .run_config import RunConfig, load_run_config
     from .scores import ScoreResult, TopK, top_k

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
     from .config import ConfigError
     from .run_config import load_run_config
-    from .data import DataError, Query
+    from .data import DataError
+    from .query_inputs import Query
     from .model import LayerSelectionError, ModelLoadError
     from .factors import FactorMismatchError
     from .storage import StorageError

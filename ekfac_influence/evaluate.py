@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import ConfigError, EvaluateConfig, QueryConfig, to_dict
-from .data import PackedCorpus, Query, collate_query_rows, encode_query, pad_token_id
+from .data import PackedCorpus, pad_token_id
 from .factors import Factors
 from .files import file_mode
 from .lds import LDSResult, linear_datamodeling_score
@@ -41,6 +41,7 @@ from .model import context_length, fingerprint
 from .objectives import CausalLMObjective
 from .planted import corpus_batches, planted_fact_recall
 from .query import as_query, check_index_matches, complete_queries, query_influence, shortlist_candidates
+from .query_inputs import Query, collate_query_rows, encode_query
 from .scorecard import format_table, plain, write_evaluation
 from .shortlist import ShortlistError
 from .storage import atomic_write_text

@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from .config import EvaluateConfig
-from .data import PackedCorpus, Query, collate_query_rows, corpus_hash, encode_query, pack, pad_token_id
+from .data import PackedCorpus, corpus_hash, pack, pad_token_id
 from .metrics import retrieval_metrics
 from .model import context_length
 from .objectives import CausalLMObjective, Objective, to_device
 from .passes import device_of
+from .query_inputs import Query, collate_query_rows, encode_query
 from .shortlist import ShortlistIndex
 from .train import LMTraining, train_lm
 from .variants import Variant, score_variants

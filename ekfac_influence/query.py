@@ -31,14 +31,14 @@ from torch import Tensor, nn
 
 from . import distributed
 from .config import QueryConfig, to_dict
-from .data import DataError, EncodedQuery, PackedCorpus, Query, collate_query_rows, encode_query, query_rows
-from .data import pad_token_id, tokenizer_id
+from .data import DataError, PackedCorpus, pad_token_id, tokenizer_id
 from .factors import Factors, check_factors_match
 from .files import allocate_file, ensure_space
 from .model import context_length
 from .objectives import IGNORE_INDEX, CausalLMObjective
 from .passes import device_of, evaluation_mode
 from .precondition import compress
+from .query_inputs import EncodedQuery, Query, collate_query_rows, encode_query, query_rows
 from .scan import dense_rescoring_fits, preconditioned_queries, rescore, scan
 from .storage import PassCheckpoint, StorageError, replace_directory
 from .token_text import token_pieces

@@ -31,7 +31,7 @@ from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
 from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, dataset_documents, load_corpus,
-                   locate_corpus_problem, pack_to_disk, read_queries, training_batches)
+                   locate_corpus_problem, pack_to_disk, training_batches)
 from .data import tokenizer_id as tokenizer_hash
 from .evaluate import evaluate_lm
 from .factors import Factors, check_factors_match
@@ -42,6 +42,7 @@ from .model import (ModelLoadError, context_length, fingerprint, load_causal_lm,
 from .objectives import CausalLMObjective
 from .plan import FitPlan, plan_fit
 from .query import query_influence
+from .query_inputs import read_queries
 from .report import export_report
 from .report_data import read_manifest, read_records
 from .results import query_set_directory

@@ -20,13 +20,14 @@ from torch import Tensor
 from . import distributed
 from .audit import normalized, preconditioned_norms, self_influence
 from .config import QueryConfig, SelfInfluenceConfig
-from .data import EncodedQuery, PackedCorpus, PackedDataset, collate_query_rows, pad_token_id, query_rows
+from .data import PackedCorpus, PackedDataset, pad_token_id
 from .factors import Factors
 from .influence import preconditioned_query_gradients, query_gradients, refined_inverse_product
 from .model import TrackedLayer
 from .objectives import CausalLMObjective
 from .passes import capture_pass
 from .precondition import LowRank, compress
+from .query_inputs import EncodedQuery, collate_query_rows, query_rows
 from .scores import BatchScorer, pair_sequence_scores, pair_token_scores
 from .storage import PassCheckpoint
 

@@ -40,13 +40,14 @@ import torch
 from torch import nn
 
 from ekfac_influence.config import EvaluateConfig
-from ekfac_influence.data import Query, pack
+from ekfac_influence.data import pack
 from ekfac_influence.demo import QUERIES, DemoConfig, build_model, demo_documents, training
 from ekfac_influence.evaluate import evaluate_lm
 from ekfac_influence.lds import linear_datamodeling_score
 from ekfac_influence.metrics import lds_per_query, mean_and_se
 from ekfac_influence.objectives import ClassificationObjective
 from ekfac_influence.planted import planted_recall
+from ekfac_influence.query_inputs import Query
 from ekfac_influence.scorecard import format_table, plain, write_evaluation
 from ekfac_influence.train import train_lm, train_tokenizer
 from ekfac_influence.variants import variant, variants_from_config

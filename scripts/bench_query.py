@@ -29,9 +29,10 @@ import torch
 
 import ekfac_influence as ei
 from ekfac_influence.config import QueryConfig
-from ekfac_influence.data import Query, pack
+from ekfac_influence.data import pack
 from ekfac_influence.demo import pydoc_documents, train_tokenizer
 from ekfac_influence.query import query_influence
+from ekfac_influence.query_inputs import Query
 
 
 def build(args):

@@ -14,10 +14,11 @@ from conftest import VOCAB, bpe_tokenizer, char_sequences, corpus_batches, lm_ba
 from ekfac_influence import (CausalLMObjective, FactorConfig, LayerSelectionError, ScoreConfig, compute_scores, fit_factors,
                              select_layers)
 from ekfac_influence.config import QueryConfig
-from ekfac_influence.data import Query, collate_query_rows, encode_query, pack
+from ekfac_influence.data import pack
 from ekfac_influence.demo import pydoc_documents
 from ekfac_influence.model import ModelLoadError, load_causal_lm
 from ekfac_influence.query import query_influence
+from ekfac_influence.query_inputs import Query, collate_query_rows, encode_query
 
 ARCHITECTURES = {
     # name: (config class, keyword arguments, the MLP module names of one block)

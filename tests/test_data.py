@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import bpe_tokenizer
-from ekfac_influence.data import (DataError, PackedCorpus, Query, collate_query_rows, dataset_documents, encode_query,
-                                  load_corpus, pack, pack_to_disk, query_rows, read_queries, tokenizer_id)
+from ekfac_influence.data import (DataError, PackedCorpus, dataset_documents, load_corpus, pack, pack_to_disk,
+                                  tokenizer_id)
 from ekfac_influence.demo import pydoc_documents
+from ekfac_influence.query_inputs import Query, collate_query_rows, encode_query, query_rows, read_queries
 
 DOCS = [("a", "The assert statement is a debugging aid."), ("empty", ""), ("b", "x = 1\nwhile x: x -= 1"),
         ("c", "Ünïcode tëxt — and a longer document " * 6)]

@@ -11,10 +11,11 @@ import torch
 from conftest import bpe_tokenizer, corpus_batches, train_lm
 from ekfac_influence import CausalLMObjective, FactorConfig, ScoreConfig, compute_scores, fit_factors
 from ekfac_influence.config import QueryConfig
-from ekfac_influence.data import DataError, Query, collate_query_rows, encode_query, pack
+from ekfac_influence.data import DataError, pack
 from ekfac_influence.demo import pydoc_documents
 from ekfac_influence.evaluate import shortlist_recall_audit
 from ekfac_influence.query import is_spurious, query_influence
+from ekfac_influence.query_inputs import Query, collate_query_rows, encode_query
 from ekfac_influence.scan import RunningTopK
 from ekfac_influence.shortlist import ShortlistIndex
 from ekfac_influence.storage import StorageError

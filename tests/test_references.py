@@ -32,10 +32,10 @@ from torch.testing import assert_close
 from transformers.pytorch_utils import Conv1D
 
 import ekfac_influence as ei
-from ekfac_influence.data import Query, collate_query_rows, encode_query
 from ekfac_influence.demo import pydoc_documents
 from ekfac_influence.fit import label_draws
 from ekfac_influence.objectives import LabelSampler
+from ekfac_influence.query_inputs import Query, collate_query_rows, encode_query
 
 EXACT = dict(rtol=1e-9, atol=1e-12)  # float64 end to end: only summation order differs
 CHAR_QUERIES = [("the assert statement", " raises assertionerror"), ("def f(x):", " return x"),

@@ -249,7 +249,8 @@ def test_normalised_query_rankings_divide_each_raw_score_by_the_self_influence_f
     from conftest import bpe_tokenizer, corpus_batches
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ekfac_influence.data import Query, collate_query_rows, encode_query, pack, pad_token_id, query_rows
+    from ekfac_influence.data import pack, pad_token_id
+    from ekfac_influence.query_inputs import Query, collate_query_rows, encode_query, query_rows
     from ekfac_influence.demo import pydoc_documents
 
     tokenizer = bpe_tokenizer()

@@ -16,10 +16,11 @@ import torch
 from conftest import corpus_batches
 from ekfac_influence import CausalLMObjective, FactorConfig, fit_factors, select_layers
 from ekfac_influence.config import QueryConfig
-from ekfac_influence.data import Query, pack
+from ekfac_influence.data import pack
 from ekfac_influence.demo import pydoc_documents
 from ekfac_influence.model import load_causal_lm
 from ekfac_influence.query import query_influence
+from ekfac_influence.query_inputs import Query
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,9 @@ from conftest import bpe_tokenizer, corpus_batches  # noqa: E402
 
 import ekfac_influence as ei  # noqa: E402
 from ekfac_influence.config import QueryConfig  # noqa: E402
-from ekfac_influence.data import Query, pack  # noqa: E402
+from ekfac_influence.data import pack  # noqa: E402
 from ekfac_influence.demo import pydoc_documents  # noqa: E402
+from ekfac_influence.query_inputs import Query  # noqa: E402
 from ekfac_influence import distributed  # noqa: E402
 from ekfac_influence.query import query_influence  # noqa: E402
 from distributed_fit_and_score import count_preconditioned_queries  # noqa: E402
