@@ -136,8 +136,8 @@ class Truncation:
         return T * O * I + self.cost < min(rotation_costs(T, O, I).values())
 
     def ever_worth_it(self, O: int, I: int) -> bool:
-        """Cheaper than a full rotation at some length: rotating DW costs O·I·(O + I) beyond forming it, at every length,
-        so no rotation costs more; a cross that costs as much is never taken."""
+        """Cheaper than a full rotation at some length: rotating DW costs O·I·(O + I) beyond forming it at every length,
+        so the cheapest order never costs more; a cross that costs as much is never taken."""
         return self.cost < O * I * (O + I)
 
     def to(self, dtype: torch.dtype, device=None) -> "Truncation":

@@ -448,7 +448,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     every_one_shown = 2 * top >= len(corpus)  # the highest and lowest are the whole corpus: per-token values in one pass
     key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
            "batch_size": section.batch_size, "compute_dtype": section.compute_dtype, "tolerance": section.tolerance,
-           "per_token": every_one_shown}
+           **({"per_token": True} if every_one_shown else {})}  # a pass of the two-pass form resumes as before
     checkpoint = PassCheckpoint(run / f".{SELF_INFLUENCE}.partial", key, every_batches=section.checkpoint_batches,
                                 every_seconds=section.checkpoint_seconds)
     distributed.print0(f"self-influence of {len(corpus)} training sequences ({factors.strategy})")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks as one prepared command, for a session lent a GPU for a few minutes.
 #
-#     bash scripts/gpu_session.sh                 # at most 8 minutes (the steps' limits); logs under $OUT (else ./gpu-out)
+#     bash scripts/gpu_session.sh                 # at most 8 minutes (the steps' limits); logs under $OUT (else gpu-out/)
 #     PYTHON=.venv/bin/python DEVICE=cpu QUICK=1 bash scripts/gpu_session.sh   # the same steps on the CPU, small: a dry run
 #
 # Needs torch, transformers, accelerate, einops and scikit-learn in $PYTHON (default python3; the
@@ -14,8 +14,8 @@
 #   4. the same at N = 3,072 without the step-by-step breakdown.
 # The 2-GPU FSDP check (`torchrun --nproc_per_node 2 scripts/check_gpu.py --fsdp`) needs a machine of two GPUs.
 set -uo pipefail
+out=$(realpath -m "${OUT:-gpu-out}")  # relative to where it was called from
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-out}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 quick=${QUICK:+--quick}  # N = 64, T = 64, each stage once
@@ -27,7 +27,7 @@ step() {  # step <name> <seconds> <command...>: run it with a time limit, its ou
   local name=$1 limit=$2
   shift 2
   echo "=== $name (limit ${limit} s)"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.log"  # SIGKILL 10 s after the limit: a hung CUDA call too
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "=== $name ended with status $rc"; status=1; }
 }

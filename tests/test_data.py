@@ -1,4 +1,4 @@
-"""Corpora, packing, provenance and query encoding (ekfac_influence.data)."""
+"""Corpora, packing and provenance (ekfac_influence.data); queries and their encoding (ekfac_influence.query_inputs)."""
 
 from __future__ import annotations
 
