@@ -60,7 +60,7 @@ from . import distributed
 from .config import SelfInfluenceConfig
 from .factors import Factors, LayerFactors, check_factors_match, rotated_gradients, rotation_costs, sequence_gradients
 from .objectives import Objective
-from .passes import BatchCapture, capture_pass, device_of, evaluation_mode
+from .passes import BatchCapture, NonFiniteError, capture_pass, device_of, evaluation_mode
 from .precondition import exact_inverse_product
 from .storage import PassCheckpoint
 
@@ -92,10 +92,11 @@ class SelfInfluenceResult:
 # ----------------------------------------------------------------------------- kernels
 
 
-def layer_whitening(g_BTO: Tensor, a_BTI: Tensor, factors: LayerFactors, strategy: str, *, scale: bool = True
-                    ) -> tuple[Tensor, Tensor | None, tuple[Tensor | None, Tensor | None]]:
+def layer_whitening(g_BTO: "Tensor | list[Tensor]", a_BTI: "Tensor | list[Tensor]", factors: LayerFactors,
+                    strategy: str, *, scale: bool = True) -> tuple[Tensor, Tensor | None, tuple]:
     """(R_BOI, scale_OI, rotated tokens): the layer's gradient in P's eigenbasis and 1 / (Λ + λ) there (None: P = I,
-    or not asked for), and (g Q_S, ā Q_A) where the chosen order rotated them (None where it did not).
+    or not asked for), and (g Q_S, ā Q_A) where the chosen order rotated them (None where it did not). Lists of
+    batches (`sequence_gradients`) give R over all their sequences and lists of tokens.
 
     s_ℓ = Σ R² · scale and W = R · √scale. identity and diagonal work in the original basis.
     """
@@ -192,12 +193,13 @@ def truncation(layer: LayerFactors, tolerance: float) -> Truncation:
                       inverse_KI, inverse_OJ, inverse_KI.sqrt(), inverse_OJ.sqrt())
 
 
-def truncated_self_influence(g_BTO: Tensor, a_BTI: Tensor, plan: "LayerPlan", *, per_token: bool = False
-                             ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring)."""
+def truncated_self_influence(g_BTO: "Tensor | list[Tensor]", a_BTI: "Tensor | list[Tensor]", plan: "LayerPlan", *,
+                             per_token: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(s_B, error_B, tokens_BT or None, sketch_BK or None) of one layer with a tolerance (module docstring), over
+    one batch or a list of batches (`sequence_gradients`)."""
     layer, cut = plan.factors, plan.cut
-    B, O, J = g_BTO.shape[0], layer.out_dim, len(cut.columns_J)
     DW_BOI = sequence_gradients(g_BTO, a_BTI)
+    B, O, J = DW_BOI.shape[0], layer.out_dim, len(cut.columns_J)
     rows_BKI = cut.QS_OK.T @ DW_BOI  # Q_Kᵀ DW
     columns_BOJ = DW_BOI @ cut.QA_IJ  # DW Q_J
     R_BKI = rows_BKI @ layer.QA_II
@@ -231,9 +233,12 @@ def _squared_norms(X_BXY: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X_BXY.flatten(1), dim=1).square()
 
 
-def token_products(g_BTO: Tensor, X_BOI: Tensor, a_BTI: Tensor) -> Tensor:
-    """tokens_BT = g_tᵀ X_b ā_t."""
-    return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
+def token_products(g_BTO: "Tensor | list[Tensor]", X_BOI: Tensor, a_BTI: "Tensor | list[Tensor]") -> Tensor:
+    """tokens_BT = g_tᵀ X_b ā_t; lists of batches of equal T (`sequence_gradients`) give their rows in order."""
+    if isinstance(g_BTO, Tensor):
+        return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
+    rows = torch.cumsum(torch.tensor([0] + [len(g) for g in g_BTO]), 0).tolist()
+    return torch.cat([token_products(g, X_BOI[start:end], a) for g, a, start, end in zip(g_BTO, a_BTI, rows, rows[1:])])
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,7 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """What `batch_self_influence` needs besides the batch: {layer: LayerPlan} (kfac/ekfac/diagonal/identity) or,
+    """What `group_self_influence` needs besides the batches: {layer: LayerPlan} (kfac/ekfac/diagonal/identity) or,
     for the exact strategy, the one Gaussian Ω [P, k²] of its sketch."""
 
     dtype: torch.dtype
@@ -305,54 +310,78 @@ def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.devi
     return AuditPlan(dtype, plans, None, config.per_token, tolerance)
 
 
-def batch_self_influence(item: BatchCapture, factors: Factors, plan: AuditPlan
-                         ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]:
-    """({layer: s_B}, tokens_BT or None, sketch_BK or None, error_B or None) of one captured batch (on the CPU).
+def group_self_influence(items: list[BatchCapture], factors: Factors, plan: AuditPlan
+                         ) -> list[tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]]:
+    """({layer: s_B}, tokens_BT or None, sketch_BK or None, error_B or None) of each captured batch (on the CPU).
 
-    A layer with a tolerance's cross is rotated in full where the cross costs more than a full rotation at this
-    batch's length.
+    The batches (of equal T) are worked as one: `sequence_gradients` writes their DW into one tensor, and every
+    product after it runs once over all their sequences. A value that is not finite is traced to the layer and
+    batch whose activations or gradients hold NaN or inf (`BatchCapture.check_finite`), or else named as an overflow.
     """
-    dtype, per_token = plan.dtype, plan.per_token
     names = factors.layer_names
-    grads = {n: item.grads[n].to(dtype) for n in names}
-    acts = {n: item.acts[n].to(dtype) for n in names}
+    grads = {n: [item.grads[n].to(plan.dtype) for item in items] for n in names}
+    acts = {n: [item.acts[n].to(plan.dtype) for item in items] for n in names}
+    work = _exact_group if factors.strategy == "exact" else _layered_group
+    per_layer, tokens_BT, sketch_BK, error_B = work(grads, acts, factors, plan)
+    rows = torch.cumsum(torch.tensor([0] + [item.num_sequences for item in items]), 0).tolist()
+    _check_finite(per_layer, items, rows)
+    share = lambda x, i: None if x is None else x[rows[i]:rows[i + 1]].cpu()  # noqa: E731
+    return [({n: share(per_layer[n], i) for n in names}, share(tokens_BT, i), share(sketch_BK, i), share(error_B, i))
+            for i in range(len(items))]
+
+
+def _exact_group(grads: dict, acts: dict, factors: Factors, plan: AuditPlan) -> tuple:
+    names, dtype = factors.layer_names, plan.dtype
+    DW = {n: sequence_gradients(grads[n], acts[n]) for n in names}
+    P = exact_inverse_product(DW, factors)
+    per_layer = {n: (P[n].to(dtype) * DW[n]).sum((1, 2)) for n in names}
+    tokens_BT = sum(token_products(grads[n], P[n].to(dtype), acts[n]) for n in names) if plan.per_token else None
+    sketch_BK = None if plan.exact_sketch is None else (_exact_whitened(DW, factors) @ plan.exact_sketch).to(dtype)
+    return per_layer, tokens_BT, sketch_BK, None
+
+
+def _layered_group(grads: dict, acts: dict, factors: Factors, plan: AuditPlan) -> tuple:
+    """Layer by layer (kfac/ekfac/diagonal/identity). A layer with a tolerance's cross is rotated in full where the
+    cross costs more than a full rotation at this length."""
     per_layer, tokens_BT, sketch_BK, error_B = {}, None, None, None
     add = lambda total, part: part if total is None else total + part  # noqa: E731
-    if factors.strategy == "exact":
-        P = exact_inverse_product({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors)
-        for n in names:
-            DW_BOI = sequence_gradients(grads[n], acts[n])
-            per_layer[n] = (P[n].to(dtype) * DW_BOI).sum((1, 2)).cpu()
-            if per_token:
-                tokens_BT = add(tokens_BT, token_products(grads[n], P[n].to(dtype), acts[n]))
-        if plan.exact_sketch is not None:
-            sketch_BK = (_exact_whitened(grads, acts, factors) @ plan.exact_sketch).to(dtype).cpu()
-        return per_layer, None if tokens_BT is None else tokens_BT.cpu(), sketch_BK, None
-    for name in names:
+    for name in factors.layer_names:
         layer_plan, g_BTO, a_BTI = plan.layers[name], grads[name], acts[name]
         moved, cut = layer_plan.factors, layer_plan.cut
-        if cut is not None and cut.worth_it(g_BTO.shape[1], moved.out_dim, moved.in_dim):
-            s_B, layer_error_B, layer_BT, layer_BK = truncated_self_influence(g_BTO, a_BTI, layer_plan,
-                                                                              per_token=per_token)
-            per_layer[name] = s_B.cpu()
+        if cut is not None and cut.worth_it(g_BTO[0].shape[1], moved.out_dim, moved.in_dim):
+            per_layer[name], layer_error_B, layer_BT, layer_BK = truncated_self_influence(g_BTO, a_BTI, layer_plan,
+                                                                                          per_token=plan.per_token)
             error_B = add(error_B, layer_error_B)
             tokens_BT = tokens_BT if layer_BT is None else add(tokens_BT, layer_BT)
             sketch_BK = sketch_BK if layer_BK is None else add(sketch_BK, layer_BK)
             continue
         R_BOI, _, (g_rotated, a_rotated) = layer_whitening(g_BTO, a_BTI, moved, factors.strategy, scale=False)
         W_BOI = R_BOI if layer_plan.root_OI is None else R_BOI * layer_plan.root_OI  # s_ℓ = ‖W‖²
-        per_layer[name] = _squared_norms(W_BOI).cpu()
-        if per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t), X = W ⊙ root
+        per_layer[name] = _squared_norms(W_BOI)
+        if plan.per_token:  # in the eigenbasis: g_tᵀ P(DW) ā_t = (Q_Sᵀ g_t)ᵀ X (Q_Aᵀ ā_t), X = W ⊙ root
             X_BOI = W_BOI if layer_plan.root_OI is None else W_BOI * layer_plan.root_OI
-            g_rotated = g_BTO @ moved.QS_OO if g_rotated is None else g_rotated
-            a_rotated = a_BTI @ moved.QA_II if a_rotated is None else a_rotated
+            g_rotated = [g @ moved.QS_OO for g in g_BTO] if g_rotated is None else g_rotated
+            a_rotated = [a @ moved.QA_II for a in a_BTI] if a_rotated is None else a_rotated
             tokens_BT = add(tokens_BT, token_products(g_rotated, X_BOI, a_rotated))
         if layer_plan.sketch is not None:
             sketch_BK = add(sketch_BK, (layer_plan.sketch.left_KO @ W_BOI @ layer_plan.sketch.right_IK).flatten(1))
     if error_B is None and plan.tolerance:
-        error_B = torch.zeros(next(iter(per_layer.values())).shape, dtype=dtype)
-    return (per_layer, None if tokens_BT is None else tokens_BT.cpu(), None if sketch_BK is None else sketch_BK.cpu(),
-            None if error_B is None else error_B.cpu())
+        error_B = torch.zeros(next(iter(per_layer.values())).shape, dtype=plan.dtype)
+    return per_layer, tokens_BT, sketch_BK, error_B
+
+
+def _check_finite(per_layer: dict[str, Tensor], items: list[BatchCapture], rows: list[int]) -> None:
+    """NaN or inf in any activation or gradient reaches its sequence's s_B (each one enters DW = Σ_t g_t ā_tᵀ, and no
+    product mixes sequences), so finite values need no look at the inputs."""
+    for name, s_B in per_layer.items():
+        bad = torch.nonzero(~torch.isfinite(s_B)).flatten().tolist()
+        if bad:
+            for item in items:
+                item.check_finite()
+            item = items[max(i for i, start in enumerate(rows[:-1]) if start <= bad[0])]
+            raise NonFiniteError(f"the self-influence of layer {name} in {item.where} is not finite although its "
+                                 f"activations and gradients are: an overflow in {s_B.dtype} "
+                                 f"(self_influence.compute_dtype float64 reaches further)")
 
 
 def _sketch_maps(layer: LayerFactors, strategy: str, side: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -373,13 +402,23 @@ def _seeded(name: str) -> torch.Generator:
 # ----------------------------------------------------------------------------- the pass
 
 
+GROUP_SEQUENCES = 16
+"""Captured batches are worked in groups of about this many sequences (`group_self_influence`): on a small model
+each product is too short to pay for its call. On the benchmark model's batches of 8, groups of 16 cut the pass from
+1.16 to 1.08 epochs; 24 and 32 gave 1.10 (docs/benchmarks.md)."""
+GROUP_BYTES = 256 * 2**20
+"""A group holds its batches' activations and gradients and one DW of its largest layer: at most this many bytes, or
+each batch is worked alone."""
+
+
 def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, objective: Objective,
                    config: SelfInfluenceConfig = SelfInfluenceConfig(), *, show_progress: bool = True,
                    checkpoint: PassCheckpoint | None = None) -> SelfInfluenceResult:
     """s(n) = ∇log p(z_n)ᵀ (G + λI)⁻¹ ∇log p(z_n) for every training sequence, per layer (and per token).
 
     One pass with the real training loss; each process takes its share of the batches and the
-    results are merged, in data order, on every process. With `checkpoint` the pass saves this
+    results are merged, in data order, on every process. Batches of equal T are worked in groups of
+    about GROUP_SEQUENCES sequences where GROUP_BYTES allows. With `checkpoint` the pass saves this
     process's finished batches now and then, and a rerun with the same checkpoint resumes after them.
     """
     layers = check_factors_match(factors, model)
@@ -387,16 +426,42 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
         raise ValueError(f"self-influence needs one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
     local, start = _restore(checkpoint, factors.layer_names)
     plan = plan_audit(factors, config, device_of(model))
+    largest = max(layer.out_dim * layer.in_dim for layer in factors.layers)
+    group: list[BatchCapture] = []
+
+    def work() -> None:
+        for item, result in zip(group, group_self_influence(group, factors, plan)):
+            local[item.index] = result
+        if checkpoint is not None and checkpoint.due(group[-1].index + 1):
+            _save(checkpoint, local, group[-1].index + 1, factors.layer_names)
+        group.clear()
+
     with evaluation_mode(model):
         for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
-                                 show_progress=show_progress, start=start):
-            local[item.index] = batch_self_influence(item, factors, plan)
-            if checkpoint is not None and checkpoint.due(item.index + 1):
-                _save(checkpoint, local, item.index + 1, factors.layer_names)
+                                 show_progress=show_progress, start=start, check=False):
+            if group and not _joins(group, item, largest):
+                work()
+            group.append(item)
+            if sum(i.num_sequences for i in group) >= GROUP_SEQUENCES or (
+                    checkpoint is not None and checkpoint.due(item.index + 1)):
+                work()
+        if group:
+            work()
     merged = distributed.gather_by_key(local)
     if not merged:
         raise ValueError("train_batches is empty: no training sequence to audit")
     return _assemble(merged, factors.layer_names, factors.num_sequences)
+
+
+def _joins(group: list[BatchCapture], item: BatchCapture, largest: int) -> bool:
+    """Whether `item` can be worked with `group`: the same T, and within GROUP_BYTES."""
+    length = lambda batch: next(iter(batch.acts.values())).shape[1]  # noqa: E731
+    if length(item) != length(group[0]):
+        return False
+    held = sum(t.numel() * t.element_size()
+               for batch in [*group, item] for t in [*batch.acts.values(), *batch.grads.values()])
+    sequences = sum(batch.num_sequences for batch in [*group, item])
+    return held + sequences * largest * 8 <= GROUP_BYTES
 
 
 def _assemble(merged: dict, names: list[str], num_sequences: int) -> SelfInfluenceResult:
@@ -459,7 +524,7 @@ def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) ->
     grads = {n: item.grads[n].to(dtype) for n in names}
     acts = {n: item.acts[n].to(dtype) for n in names}
     if factors.strategy == "exact":
-        return _exact_whitened(grads, acts, factors).to(dtype).cpu()
+        return _exact_whitened({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors).to(dtype).cpu()
     parts = []
     for layer in factors.layers:
         moved = layer.to(dtype, grads[layer.name].device)
@@ -469,9 +534,9 @@ def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) ->
     return torch.cat(parts, 1)
 
 
-def _exact_whitened(grads: dict[str, Tensor], acts: dict[str, Tensor], factors: Factors) -> Tensor:
+def _exact_whitened(DW: dict[str, Tensor], factors: Factors) -> Tensor:
     """W_BP = L⁻¹ vec DW in float64, L Lᵀ = G + diag(λ) (so ‖W‖² = vᵀ (G + diag(λ))⁻¹ v)."""
-    V_BP = torch.cat([sequence_gradients(grads[n], acts[n]).flatten(1) for n in factors.layer_names], 1).double()
+    V_BP = torch.cat([DW[n].flatten(1) for n in factors.layer_names], 1).double()
     damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
     L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
     return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T

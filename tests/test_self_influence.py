@@ -160,16 +160,16 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
     config = ei.SelfInfluenceConfig(compute_dtype="float64", tolerance=tolerance)
     whole = ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False)
     checkpoint = PassCheckpoint(tmp_path, {"test": 1}, every_batches=1)
-    original, seen, killed = audit.batch_self_influence, [], []
+    original, seen, killed = audit.group_self_influence, [], []
 
-    def failing(item, *args, **kwargs):
-        seen.append(item.index)
-        if item.index == 2 and not killed:
+    def failing(items, *args, **kwargs):
+        seen.extend(item.index for item in items)
+        if 2 in seen and not killed:
             killed.append(True)
             raise RuntimeError("killed")
-        return original(item, *args, **kwargs)
+        return original(items, *args, **kwargs)
 
-    monkeypatch.setattr(audit, "batch_self_influence", failing)
+    monkeypatch.setattr(audit, "group_self_influence", failing)
     with pytest.raises(RuntimeError, match="killed"):
         ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False, checkpoint=checkpoint)
     seen.clear()
@@ -182,6 +182,73 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
         assert_close(resumed.error, whole.error, rtol=0, atol=0)
     for name in whole.per_layer:
         assert_close(resumed.per_layer[name], whole.per_layer[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["ekfac", "ekfac with a tolerance", "exact", "identity"])
+def test_batches_worked_in_groups_give_the_values_of_each_batch_worked_alone(llama_factors, damped_factors, case,
+                                                                            monkeypatch):
+    """The pass works batches of equal T together, up to 16 sequences (`group_self_influence`): here 5 batches of
+    4 at T = 20, then 2 batches of 3 padded to T = 24. Every value (per layer, per token, sketch, error) equals
+    the pass that works each batch alone."""
+    model, _, factors = llama_factors
+    tolerance = 0.3 if case == "ekfac with a tolerance" else 0.0
+    if tolerance:
+        factors = damped_factors
+        _every_cut_worth_it(monkeypatch)
+    factors = factors[case.split()[0]]
+    train = (lm_batches(char_sequences(20, 20, offset=3), 4)
+             + lm_batches(char_sequences(6, 20, offset=40)[:, :17], 3, pad_to=24))
+    config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True, tolerance=tolerance)
+    groups, original = [], audit.group_self_influence
+
+    def spy(items, *args, **kwargs):
+        groups.append([item.index for item in items])
+        return original(items, *args, **kwargs)
+
+    monkeypatch.setattr(audit, "group_self_influence", spy)
+    grouped = ei.self_influence(model, factors, train, ei.CausalLMObjective(), config, show_progress=False)
+    assert groups == [[0, 1, 2, 3], [4], [5, 6]]  # 16 sequences; then a new T; then the end
+    groups.clear()
+    monkeypatch.setattr(audit, "GROUP_BYTES", 0)
+    alone = ei.self_influence(model, factors, train, ei.CausalLMObjective(), config, show_progress=False)
+    assert groups == [[i] for i in range(7)]
+    assert_close(grouped.values, alone.values, rtol=1e-12, atol=0)
+    for name in alone.per_layer:
+        assert_close(grouped.per_layer[name], alone.per_layer[name], rtol=1e-12, atol=1e-18, msg=name)
+    assert grouped.per_token.shape == (26, 24) and (grouped.per_token[20:, 17:] == 0).all()
+    assert_close(grouped.per_token, alone.per_token, rtol=1e-10, atol=1e-14)
+    assert_close(grouped.sketch, alone.sketch, rtol=1e-10, atol=1e-14)
+    if tolerance:
+        assert (alone.error > 0).any()
+        assert_close(grouped.error, alone.error, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("poison, message", [
+    (float("nan"), r"non-finite values \(NaN or inf\) in the output gradients of layer model\.layers\.1\.mlp\.up_proj "
+                   r"in batch 1 \(sequences 4\.\.7\)"),
+    (1e30, r"the self-influence of layer model\.layers\.1\.mlp\.up_proj in batch 1 \(sequences 4\.\.7\) is not "
+           r"finite although its activations and gradients are: an overflow in torch\.float32"),
+])
+def test_nan_or_inf_in_a_batch_is_named_by_layer_and_batch_and_an_overflow_as_such(llama_factors, poison, message,
+                                                                                  monkeypatch):
+    """The pass skips the capture's check of every value and checks the values it computes: NaN or inf in one
+    gradient of one sequence still names the layer and the batch, and a finite gradient whose self-influence
+    overflows float32 is called an overflow."""
+    from ekfac_influence import passes
+    from ekfac_influence.passes import NonFiniteError
+
+    model, train, factors = llama_factors
+    original = passes._forward_backward
+
+    def poisoned(*args, **kwargs):
+        item = original(*args, **kwargs)
+        if item.index == 1:
+            item.grads["model.layers.1.mlp.up_proj"][2, 5, 7] = poison
+        return item
+
+    monkeypatch.setattr(passes, "_forward_backward", poisoned)
+    with pytest.raises(NonFiniteError, match=message):
+        ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), show_progress=False)
 
 
 def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_another_model(tmp_path, monkeypatch, capsys):
