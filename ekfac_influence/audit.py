@@ -1,4 +1,5 @@
-"""Self-influence and near-duplicate groups: auditing a training corpus (docs/design.md §1).
+"""Self-influence: auditing a training corpus (docs/design.md §1), with the sketches that `similarity` searches
+for near-duplicates.
 
 Shapes: N training sequences, B batch, T positions, I in-features (+1 bias), O out-features,
 C candidates, D whitened features. With DW_n = Σ_t g_t ā_tᵀ (g = ∂L/∂s; ∇log p(z_n) = −DW_n, and
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,6 @@ from .precondition import exact_inverse_product
 from .storage import PassCheckpoint
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac", "exact")
-_SKETCH = 256  # whitened_gradients: a layer wider than _SKETCH² features is sketched to _SKETCH × _SKETCH
 
 
 @dataclass
@@ -237,8 +237,13 @@ def token_products(g_BTO: "Tensor | list[Tensor]", X_BOI: Tensor, a_BTI: "Tensor
     """tokens_BT = g_tᵀ X_b ā_t; lists of batches of equal T (`sequence_gradients`) give their rows in order."""
     if isinstance(g_BTO, Tensor):
         return (torch.einsum("bto,boi->bti", g_BTO, X_BOI) * a_BTI).sum(-1)
-    rows = torch.cumsum(torch.tensor([0] + [len(g) for g in g_BTO]), 0).tolist()
+    rows = _row_starts([len(g) for g in g_BTO])
     return torch.cat([token_products(g, X_BOI[start:end], a) for g, a, start, end in zip(g_BTO, a_BTI, rows, rows[1:])])
+
+
+def _row_starts(sizes: list[int]) -> list[int]:
+    """[0, s_0, s_0 + s_1, ...]: where each batch's rows start in a tensor over several, and where the last ends."""
+    return torch.cumsum(torch.tensor([0, *sizes]), 0).tolist()
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,7 @@ def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.devi
     side = config.duplicate_sketch
     if factors.strategy == "exact":
         size = sum(layer.out_dim * layer.in_dim for layer in factors.layers)
-        omega = torch.randn(size, side * side, generator=_seeded("exact"), dtype=torch.float64) / side if side else None
+        omega = torch.randn(size, side * side, generator=seeded("exact"), dtype=torch.float64) / side if side else None
         return AuditPlan(dtype, {}, None if omega is None else omega.to(device), config.per_token)
     plans = {}
     tolerance = config.tolerance > 0 and factors.strategy in ("kfac", "ekfac")
@@ -310,8 +315,11 @@ def plan_audit(factors: Factors, config: SelfInfluenceConfig, device: torch.devi
     return AuditPlan(dtype, plans, None, config.per_token, tolerance)
 
 
-def group_self_influence(items: list[BatchCapture], factors: Factors, plan: AuditPlan
-                         ) -> list[tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]]:
+Parts = dict[str, list[Tensor]]  # layer -> one tensor per batch of a group
+Values = tuple[dict[str, Tensor], Tensor | None, Tensor | None, Tensor | None]  # per layer, per token, sketch, error
+
+
+def group_self_influence(items: list[BatchCapture], factors: Factors, plan: AuditPlan) -> list[Values]:
     """({layer: s_B}, tokens_BT or None, sketch_BK or None, error_B or None) of each captured batch (on the CPU).
 
     The batches (of equal T) are worked as one: `sequence_gradients` writes their DW into one tensor, and every
@@ -323,24 +331,25 @@ def group_self_influence(items: list[BatchCapture], factors: Factors, plan: Audi
     acts = {n: [item.acts[n].to(plan.dtype) for item in items] for n in names}
     work = _exact_group if factors.strategy == "exact" else _layered_group
     per_layer, tokens_BT, sketch_BK, error_B = work(grads, acts, factors, plan)
-    rows = torch.cumsum(torch.tensor([0] + [item.num_sequences for item in items]), 0).tolist()
+    rows = _row_starts([item.num_sequences for item in items])
     _check_finite(per_layer, items, rows)
     share = lambda x, i: None if x is None else x[rows[i]:rows[i + 1]].cpu()  # noqa: E731
     return [({n: share(per_layer[n], i) for n in names}, share(tokens_BT, i), share(sketch_BK, i), share(error_B, i))
             for i in range(len(items))]
 
 
-def _exact_group(grads: dict, acts: dict, factors: Factors, plan: AuditPlan) -> tuple:
+def _exact_group(grads: Parts, acts: Parts, factors: Factors, plan: AuditPlan) -> Values:
+    """The exact strategy: every layer's DW at once through the dense damped Gauss-Newton (layers coupled)."""
     names, dtype = factors.layer_names, plan.dtype
     DW = {n: sequence_gradients(grads[n], acts[n]) for n in names}
     P = exact_inverse_product(DW, factors)
     per_layer = {n: (P[n].to(dtype) * DW[n]).sum((1, 2)) for n in names}
     tokens_BT = sum(token_products(grads[n], P[n].to(dtype), acts[n]) for n in names) if plan.per_token else None
-    sketch_BK = None if plan.exact_sketch is None else (_exact_whitened(DW, factors) @ plan.exact_sketch).to(dtype)
+    sketch_BK = None if plan.exact_sketch is None else (exact_whitened(DW, factors) @ plan.exact_sketch).to(dtype)
     return per_layer, tokens_BT, sketch_BK, None
 
 
-def _layered_group(grads: dict, acts: dict, factors: Factors, plan: AuditPlan) -> tuple:
+def _layered_group(grads: Parts, acts: Parts, factors: Factors, plan: AuditPlan) -> Values:
     """Layer by layer (kfac/ekfac/diagonal/identity). A layer with a tolerance's cross is rotated in full where the
     cross costs more than a full rotation at this length."""
     per_layer, tokens_BT, sketch_BK, error_B = {}, None, None, None
@@ -372,22 +381,31 @@ def _layered_group(grads: dict, acts: dict, factors: Factors, plan: AuditPlan) -
 
 def _check_finite(per_layer: dict[str, Tensor], items: list[BatchCapture], rows: list[int]) -> None:
     """NaN or inf in any activation or gradient reaches its sequence's s_B (each one enters DW = Σ_t g_t ā_tᵀ, and no
-    product mixes sequences), so finite values need no look at the inputs."""
+    product mixes sequences), so finite values need no look at the inputs. Until this pass skipped the capture's
+    check, an overflow of finite inputs gave s(n) = inf; it now stops the pass, naming the batch."""
     for name, s_B in per_layer.items():
         bad = torch.nonzero(~torch.isfinite(s_B)).flatten().tolist()
         if bad:
             for item in items:
                 item.check_finite()
             item = items[max(i for i, start in enumerate(rows[:-1]) if start <= bad[0])]
+            further = "" if s_B.dtype == torch.float64 else " (self_influence.compute_dtype float64 reaches further)"
             raise NonFiniteError(f"the self-influence of layer {name} in {item.where} is not finite although its "
-                                 f"activations and gradients are: an overflow in {s_B.dtype} "
-                                 f"(self_influence.compute_dtype float64 reaches further)")
+                                 f"activations and gradients are: an overflow in {s_B.dtype}{further}")
+
+
+def exact_whitened(DW: dict[str, Tensor], factors: Factors) -> Tensor:
+    """W_BP = L⁻¹ vec DW in float64, L Lᵀ = G + diag(λ) (so ‖W‖² = vᵀ (G + diag(λ))⁻¹ v)."""
+    V_BP = torch.cat([DW[n].flatten(1) for n in factors.layer_names], 1).double()
+    damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
+    L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
+    return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T
 
 
 def _sketch_maps(layer: LayerFactors, strategy: str, side: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(Ω_O Q_S [k, O], Q_Aᵀ Ω_I [I, k], Ω_O, Ω_I) in float64, seeded by the layer's name; identity and diagonal
     whiten in the original basis, so their maps are Ω_O and Ω_I."""
-    generator = _seeded(layer.name)
+    generator = seeded(layer.name)
     omega_KO = torch.randn(side, layer.out_dim, generator=generator, dtype=torch.float64) / side**0.5
     omega_IK = torch.randn(layer.in_dim, side, generator=generator, dtype=torch.float64) / side**0.5
     if strategy in ("kfac", "ekfac"):
@@ -395,7 +413,8 @@ def _sketch_maps(layer: LayerFactors, strategy: str, side: int) -> tuple[Tensor,
     return omega_KO, omega_IK, omega_KO, omega_IK
 
 
-def _seeded(name: str) -> torch.Generator:
+def seeded(name: str) -> torch.Generator:
+    """A generator seeded by `name`: every process and every run draws the same Ω for a layer."""
     return torch.Generator().manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:15], 16))
 
 
@@ -407,8 +426,8 @@ GROUP_SEQUENCES = 16
 each product is too short to pay for its call. On the benchmark model's batches of 8, groups of 16 cut the pass from
 1.16 to 1.08 epochs; 24 and 32 gave 1.10 (docs/benchmarks.md)."""
 GROUP_BYTES = 256 * 2**20
-"""A group holds its batches' activations and gradients and one DW of its largest layer: at most this many bytes, or
-each batch is worked alone."""
+"""A batch joins a group only while the group's estimate (`_group_bytes`) stays within this; a batch too large to be
+paired is worked at once, alone, as before groups."""
 
 
 def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, objective: Objective,
@@ -427,41 +446,51 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
     local, start = _restore(checkpoint, factors.layer_names)
     plan = plan_audit(factors, config, device_of(model))
     largest = max(layer.out_dim * layer.in_dim for layer in factors.layers)
-    group: list[BatchCapture] = []
-
-    def work() -> None:
-        for item, result in zip(group, group_self_influence(group, factors, plan)):
-            local[item.index] = result
-        if checkpoint is not None and checkpoint.due(group[-1].index + 1):
-            _save(checkpoint, local, group[-1].index + 1, factors.layer_names)
-        group.clear()
-
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    due = lambda item: checkpoint is not None and checkpoint.due(item.index + 1)  # noqa: E731
     with evaluation_mode(model):
-        for item in capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
-                                 show_progress=show_progress, start=start, check=False):
-            if group and not _joins(group, item, largest):
-                work()
-            group.append(item)
-            if sum(i.num_sequences for i in group) >= GROUP_SEQUENCES or (
-                    checkpoint is not None and checkpoint.due(item.index + 1)):
-                work()
-        if group:
-            work()
+        items = capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
+                             show_progress=show_progress, start=start, check=False)
+        for group in _grouped(items, lambda batches: _group_bytes(batches, largest, itemsize), due):
+            for item, result in zip(group, group_self_influence(group, factors, plan)):
+                local[item.index] = result
+            if due(group[-1]):
+                _save(checkpoint, local, group[-1].index + 1, factors.layer_names)
     merged = distributed.gather_by_key(local)
     if not merged:
         raise ValueError("train_batches is empty: no training sequence to audit")
     return _assemble(merged, factors.layer_names, factors.num_sequences)
 
 
-def _joins(group: list[BatchCapture], item: BatchCapture, largest: int) -> bool:
-    """Whether `item` can be worked with `group`: the same T, and within GROUP_BYTES."""
-    length = lambda batch: next(iter(batch.acts.values())).shape[1]  # noqa: E731
-    if length(item) != length(group[0]):
-        return False
-    held = sum(t.numel() * t.element_size()
-               for batch in [*group, item] for t in [*batch.acts.values(), *batch.grads.values()])
-    sequences = sum(batch.num_sequences for batch in [*group, item])
-    return held + sequences * largest * 8 <= GROUP_BYTES
+def _grouped(items: Iterable[BatchCapture], bytes_of: Callable[[list[BatchCapture]], int],
+             ends: Callable[[BatchCapture], bool]) -> Iterator[list[BatchCapture]]:
+    """The captured batches in the groups to work as one: batches of equal T, each group closed as soon as it holds
+    GROUP_SEQUENCES sequences, one more batch like its last would take it past GROUP_BYTES, or `ends(batch)` (a
+    checkpoint is due), so that a batch that cannot be paired is worked before the next one is captured."""
+    group: list[BatchCapture] = []
+    for item in items:
+        if group and (_length(item) != _length(group[0]) or bytes_of([*group, item]) > GROUP_BYTES):
+            yield group
+            group = []
+        group.append(item)
+        if (sum(batch.num_sequences for batch in group) >= GROUP_SEQUENCES
+                or bytes_of([*group, group[-1]]) > GROUP_BYTES or ends(item)):
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _length(batch: BatchCapture) -> int:
+    return next(iter(batch.acts.values())).shape[1]
+
+
+def _group_bytes(batches: list[BatchCapture], largest: int, itemsize: int) -> int:
+    """An estimate of what working `batches` as one holds: their activations and gradients, a copy of them in the
+    compute dtype, and four tensors of the largest layer's DW over their sequences (DW or E, R, W, per-token X)."""
+    captured = [t for batch in batches for t in (*batch.acts.values(), *batch.grads.values())]
+    sequences = sum(batch.num_sequences for batch in batches)
+    return sum(t.numel() * (t.element_size() + itemsize) for t in captured) + 4 * sequences * largest * itemsize
 
 
 def _assemble(merged: dict, names: list[str], num_sequences: int) -> SelfInfluenceResult:
@@ -495,141 +524,3 @@ def _restore(checkpoint: PassCheckpoint | None, names: list[str]) -> tuple[dict,
                  tensors.get(f"{i}/error")) for i in meta["batches"]}
     distributed.print0(f"resuming self-influence at batch {meta['next_batch']} (saved progress)")
     return local, meta["next_batch"]
-
-
-# ----------------------------------------------------------------------------- near-duplicates
-
-
-def whitened_gradients(model: nn.Module, factors: Factors, batches: Iterable, objective: Objective, *,
-                       dtype: torch.dtype = torch.float32, show_progress: bool = False) -> Tensor:
-    """W_CD = P^{1/2} DW_n of every sequence of `batches`, flattened over layers, in data order (‖W_n‖² = s(n)).
-
-    A layer wider than 256² features is sketched: W ↦ Ω_O W Ω_I with seeded Gaussian Ω (entries of
-    variance 1/256), which keeps inner products in expectation, so the [C, D] matrix stays small.
-    """
-    layers = check_factors_match(factors, model)
-    if factors.strategy not in STRATEGIES:
-        raise ValueError(f"near-duplicates need one of the strategies {', '.join(STRATEGIES)}, not {factors.strategy!r}")
-    local = {}
-    with evaluation_mode(model):
-        for item in capture_pass(model, layers, batches, objective, loss="real", desc="whitened gradients",
-                                 show_progress=show_progress):
-            local[item.index] = _whitened_batch(item, factors, dtype)
-    merged = distributed.gather_by_key(local)
-    return torch.cat([merged[i] for i in sorted(merged)])
-
-
-def _whitened_batch(item: BatchCapture, factors: Factors, dtype: torch.dtype) -> Tensor:
-    names = factors.layer_names
-    grads = {n: item.grads[n].to(dtype) for n in names}
-    acts = {n: item.acts[n].to(dtype) for n in names}
-    if factors.strategy == "exact":
-        return _exact_whitened({n: sequence_gradients(grads[n], acts[n]) for n in names}, factors).to(dtype).cpu()
-    parts = []
-    for layer in factors.layers:
-        moved = layer.to(dtype, grads[layer.name].device)
-        R_BOI, scale_OI, _ = layer_whitening(grads[layer.name], acts[layer.name], moved, factors.strategy)
-        W_BOI = R_BOI if scale_OI is None else R_BOI * scale_OI.sqrt()
-        parts.append(_sketched(W_BOI, layer.name).flatten(1).cpu())
-    return torch.cat(parts, 1)
-
-
-def _exact_whitened(DW: dict[str, Tensor], factors: Factors) -> Tensor:
-    """W_BP = L⁻¹ vec DW in float64, L Lᵀ = G + diag(λ) (so ‖W‖² = vᵀ (G + diag(λ))⁻¹ v)."""
-    V_BP = torch.cat([DW[n].flatten(1) for n in factors.layer_names], 1).double()
-    damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
-    L_PP = torch.linalg.cholesky(factors.ggn_PP.double().to(V_BP.device) + torch.diag(damping_P.to(V_BP.device)))
-    return torch.linalg.solve_triangular(L_PP, V_BP.T, upper=False).T
-
-
-def _sketched(W_BOI: Tensor, name: str) -> Tensor:
-    B, O, I = W_BOI.shape
-    if O * I <= _SKETCH * _SKETCH:
-        return W_BOI
-    generator = _seeded(name)
-    omega_KO = torch.randn(_SKETCH, O, generator=generator, dtype=torch.float64) / _SKETCH**0.5
-    omega_IK = torch.randn(I, _SKETCH, generator=generator, dtype=torch.float64) / _SKETCH**0.5
-    return omega_KO.to(W_BOI) @ W_BOI @ omega_IK.to(W_BOI)
-
-
-def cosine_matrix(W_CD: Tensor) -> Tensor:
-    """cos_CC = ⟨W_n, W_m⟩ / (‖W_n‖ ‖W_m‖), in float64."""
-    W_CD = W_CD.double()
-    unit_CD = W_CD / W_CD.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    return unit_CD @ unit_CD.T
-
-
-def duplicate_groups(cos_CC: Tensor, threshold: float) -> list[list[int]]:
-    """Connected groups (union-find over the pairs with cos ≥ threshold) of two or more; largest first."""
-    return groups_of_pairs(cos_CC.shape[0], torch.nonzero(torch.triu(cos_CC >= threshold, diagonal=1)).tolist())
-
-
-def near_duplicate_groups(sketch_NK: Tensor, threshold: float, *, chunk: int = 4096) -> list[list[int]]:
-    """`duplicate_groups` over the whole corpus from the sketches (module docstring), chunk × N cosines at a time."""
-    unit_NK = sketch_NK.float() / sketch_NK.float().norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    pairs = []
-    for start in range(0, len(unit_NK), chunk):
-        cos_CN = unit_NK[start : start + chunk] @ unit_NK.T
-        i_M, j_M = torch.nonzero(cos_CN >= threshold, as_tuple=True)
-        i_M = i_M + start
-        keep = j_M > i_M
-        pairs += torch.stack([i_M[keep], j_M[keep]], 1).tolist()
-    return groups_of_pairs(len(unit_NK), pairs)
-
-
-def sketched_cosines(sketch_NK: Tensor, members: list[int]) -> Tensor:
-    """cos_CC of the members' sketches, in float64 (the numbers behind a group)."""
-    return cosine_matrix(sketch_NK[members])
-
-
-def groups_of_pairs(num: int, pairs: Iterable) -> list[list[int]]:
-    """Connected groups (union-find) of `num` items joined by `pairs`, two or more members; largest first."""
-    parent = list(range(num))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(parent)):
-        groups.setdefault(root(i), []).append(i)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
-
-
-# ----------------------------------------------------------------------------- normalised rankings
-
-
-def preconditioned_norms(P: dict[str, Tensor], factors: Factors) -> Tensor:
-    """‖P^{1/2} v_q‖² = ⟨P(v_q), v_q⟩ per query, from x = P(v) alone (v = (G + λ) x), [Q] float64.
-
-    kfac/ekfac: Σ_ℓ Σ (Q_Sᵀ x Q_A)² ⊙ (Λ + λ); diagonal: Σ x² ⊙ (Λ + λ); identity: Σ x²;
-    exact: xᵀ (G + diag(λ)) x. Exact for x = P(v); for a refined x it is xᵀ P⁻¹ x of EK-FAC's P.
-    """
-    if factors.strategy == "exact":
-        x_QP = torch.cat([P[n].double().flatten(1) for n in factors.layer_names], 1)
-        damping_P = torch.cat([torch.full((l.out_dim * l.in_dim,), l.damping, dtype=torch.float64) for l in factors.layers])
-        return ((x_QP @ factors.ggn_PP.double().to(x_QP.device)) * x_QP).sum(1).cpu() + (x_QP**2 * damping_P.to(x_QP.device)).sum(1).cpu()
-    total = 0
-    for layer in factors.layers:
-        x_QOI = P[layer.name].double()
-        moved = layer.to(torch.float64, x_QOI.device)
-        if factors.strategy == "identity":
-            total = total + (x_QOI**2).sum((1, 2))
-            continue
-        if factors.strategy in ("kfac", "ekfac"):
-            x_QOI = moved.QS_OO.T @ x_QOI @ moved.QA_II
-        total = total + (x_QOI**2 * (moved.lambda_OI + moved.damping)).sum((1, 2))
-    return total.cpu()
-
-
-def normalized(score: float, self_value: float, query_value: float | None, kind: str) -> float:
-    """relatif: score / √s(n) (Barshan et al., 2020); cosine: score / (√(‖P^{1/2}∇f_q‖²) √s(n))."""
-    if kind == "relatif":
-        return score / max(self_value, 1e-300) ** 0.5
-    if kind == "cosine":
-        return score / (max(self_value, 1e-300) * max(query_value, 1e-300)) ** 0.5
-    raise ValueError(f"normalize: {kind!r} is not one of none, relatif, cosine")

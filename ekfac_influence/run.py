@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from . import distributed
-from .audit import near_duplicate_groups, sketched_cosines
 from .audit import self_influence as compute_self_influence
 from .audit_report import group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
@@ -48,6 +47,7 @@ from .report_data import read_manifest, read_records
 from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
+from .similarity import near_duplicate_groups, sketched_cosines
 from .storage import PassCheckpoint, StorageError, atomic_write_text, stage_lock
 from .storage import read_manifest as read_stage_manifest
 from .variants import variants_from_config

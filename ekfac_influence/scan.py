@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .audit import normalized, preconditioned_norms, self_influence
+from .audit import self_influence
 from .config import QueryConfig, SelfInfluenceConfig
 from .data import PackedCorpus, PackedDataset, pad_token_id
 from .factors import Factors
@@ -29,6 +29,7 @@ from .passes import capture_pass
 from .precondition import LowRank, compress
 from .query_inputs import EncodedQuery, collate_query_rows, query_rows
 from .scores import BatchScorer, pair_sequence_scores, pair_token_scores
+from .similarity import normalized, preconditioned_norms
 from .storage import PassCheckpoint
 
 _DENSE_BUDGET_ELEMENTS = 2**28  # full-rank query gradients held at once in the rescoring stage

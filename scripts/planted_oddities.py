@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import ekfac_influence as ei
-from ekfac_influence import audit
+from ekfac_influence import similarity
 from ekfac_influence.data import PackedDataset, pack
 from ekfac_influence.demo import DemoConfig, build_model, demo_documents, train, train_tokenizer
 
@@ -75,7 +75,7 @@ def audit_planted(sizes: DemoConfig, *, length: int = 64, threshold: float = 0.9
         doc = str(pieces[0]["doc"])
         if doc.startswith("odd:"):
             kinds.setdefault(doc[4:].rstrip("0123456789"), []).append(n)
-    groups = audit.near_duplicate_groups(result.sketch, threshold)
+    groups = similarity.near_duplicate_groups(result.sketch, threshold)
     source = documents[len(documents) // 2][0]  # the document the copies were cut from
     copies = set(kinds["copy"])
     return {"num_sequences": len(values_N),

@@ -11,6 +11,7 @@ import ekfac_influence as ei
 from conftest import char_sequences, lm_batches
 from ekfac_influence import audit
 from ekfac_influence import factors as factors_module
+from ekfac_influence import similarity
 from ekfac_influence.config import ROTATION_ORDERS
 from ekfac_influence.factors import rotation_costs
 from ekfac_influence.storage import PassCheckpoint
@@ -101,24 +102,24 @@ def test_cosines_of_whitened_gradients_are_the_normalised_scores_between_trainin
     objective = ei.CausalLMObjective()
     S_NN = ei.compute_scores(model, factors[strategy], train, train, objective, ei.ScoreConfig(compute_dtype="float64"),
                              show_progress=False).scores
-    W_ND = audit.whitened_gradients(model, factors[strategy], train, objective, dtype=torch.float64)
+    W_ND = similarity.whitened_gradients(model, factors[strategy], train, objective, dtype=torch.float64)
     assert_close((W_ND * W_ND).sum(1), S_NN.diagonal(), rtol=1e-8, atol=0)
     scale_N = S_NN.diagonal().sqrt()
-    assert_close(audit.cosine_matrix(W_ND), S_NN / scale_N[:, None] / scale_N[None], rtol=1e-7, atol=1e-9)
+    assert_close(similarity.cosine_matrix(W_ND), S_NN / scale_N[:, None] / scale_N[None], rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac", "exact"])
 def test_sketched_cosines_estimate_the_cosines_of_the_whitened_gradients(llama_factors, strategy):
     model, train, factors = llama_factors
     objective = ei.CausalLMObjective()
-    W_ND = audit.whitened_gradients(model, factors[strategy], train, objective, dtype=torch.float64)
-    exact_NN = audit.cosine_matrix(W_ND)
+    W_ND = similarity.whitened_gradients(model, factors[strategy], train, objective, dtype=torch.float64)
+    exact_NN = similarity.cosine_matrix(W_ND)
     errors = []
     for side in (16, 64, 256):
         config = ei.SelfInfluenceConfig(compute_dtype="float64", duplicate_sketch=side)
         sketch_NK = ei.self_influence(model, factors[strategy], train, objective, config, show_progress=False).sketch
         assert sketch_NK.shape == (len(W_ND), side * side)
-        errors.append((audit.cosine_matrix(sketch_NK) - exact_NN).abs().mean().item())
+        errors.append((similarity.cosine_matrix(sketch_NK) - exact_NN).abs().mean().item())
     # these gradients have rank ≤ 16 (16 tokens): the error falls like 1/√k, from below 0.1 at k = 16
     assert errors[0] < 0.1 and errors[1] < errors[0] / 1.5 and errors[2] < errors[1] / 1.5, errors
     ratio_N = (sketch_NK**2).sum(1) / (W_ND**2).sum(1)  # ‖sketch‖² estimates s(n) = ‖W_n‖²
@@ -133,8 +134,8 @@ def test_the_whole_corpus_search_groups_copies_whatever_their_self_influence(lla
     batches = [{"input_ids": ids[rows[:4]], "attention_mask": real[:4], "labels": ids[rows[:4]]},
                {"input_ids": ids[rows[4:]], "attention_mask": real[4:], "labels": ids[rows[4:]]}]
     result = ei.self_influence(model, factors["ekfac"], batches, ei.CausalLMObjective(), show_progress=False)
-    assert audit.near_duplicate_groups(result.sketch, 0.99) == [[0, 2, 6], [1, 5]]
-    assert audit.near_duplicate_groups(result.sketch, 0.99, chunk=3) == [[0, 2, 6], [1, 5]]  # pairs across chunks
+    assert similarity.near_duplicate_groups(result.sketch, 0.99) == [[0, 2, 6], [1, 5]]
+    assert similarity.near_duplicate_groups(result.sketch, 0.99, chunk=3) == [[0, 2, 6], [1, 5]]  # pairs across chunks
     off = ei.self_influence(model, factors["ekfac"], batches, ei.CausalLMObjective(),
                             ei.SelfInfluenceConfig(duplicate_sketch=0), show_progress=False)
     assert off.sketch is None
@@ -144,8 +145,8 @@ def test_duplicate_groups_join_chains_of_pairs_above_the_threshold_and_drop_sing
     cos = torch.eye(6, dtype=torch.float64)
     for i, j, value in [(0, 3, 0.95), (3, 5, 0.91), (1, 2, 0.89), (2, 4, 0.99)]:
         cos[i, j] = cos[j, i] = value
-    assert audit.duplicate_groups(cos, 0.9) == [[0, 3, 5], [2, 4]]
-    assert audit.duplicate_groups(cos, 0.999) == []
+    assert similarity.duplicate_groups(cos, 0.9) == [[0, 3, 5], [2, 4]]
+    assert similarity.duplicate_groups(cos, 0.999) == []
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.3])
@@ -159,7 +160,7 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
     objective = ei.CausalLMObjective()
     config = ei.SelfInfluenceConfig(compute_dtype="float64", tolerance=tolerance)
     whole = ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False)
-    checkpoint = PassCheckpoint(tmp_path, {"test": 1}, every_batches=1)
+    checkpoint = PassCheckpoint(tmp_path, {"test": 1}, every_batches=2)  # batches 0 and 1 worked as one group
     original, seen, killed = audit.group_self_influence, [], []
 
     def failing(items, *args, **kwargs):
@@ -174,7 +175,7 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
         ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False, checkpoint=checkpoint)
     seen.clear()
     resumed = ei.self_influence(model, factors["ekfac"], train, objective, config, show_progress=False,
-                                checkpoint=PassCheckpoint(tmp_path, {"test": 1}, every_batches=1))
+                                checkpoint=PassCheckpoint(tmp_path, {"test": 1}, every_batches=2))
     assert seen == [2]  # batches 0 and 1 came from the checkpoint
     assert_close(resumed.values, whole.values, rtol=0, atol=0)
     if tolerance:
@@ -187,35 +188,39 @@ def test_a_pass_interrupted_after_a_save_resumes_to_the_result_of_an_uninterrupt
 @pytest.mark.parametrize("case", ["ekfac", "ekfac with a tolerance", "exact", "identity"])
 def test_batches_worked_in_groups_give_the_values_of_each_batch_worked_alone(llama_factors, damped_factors, case,
                                                                             monkeypatch):
-    """The pass works batches of equal T together, up to 16 sequences (`group_self_influence`): here 5 batches of
-    4 at T = 20, then 2 batches of 3 padded to T = 24. Every value (per layer, per token, sketch, error) equals
-    the pass that works each batch alone."""
+    """The pass works batches of equal T together, up to 16 sequences (`group_self_influence`): here batches of
+    5, 1, 5, 5, 4 and 2 sequences at T = 20, then 2 batches of 3 padded to T = 24. Every value (per layer, per
+    token, sketch, error) equals the pass that works each batch alone."""
     model, _, factors = llama_factors
     tolerance = 0.3 if case == "ekfac with a tolerance" else 0.0
     if tolerance:
         factors = damped_factors
         _every_cut_worth_it(monkeypatch)
     factors = factors[case.split()[0]]
-    train = (lm_batches(char_sequences(20, 20, offset=3), 4)
+    tokens = char_sequences(22, 20, offset=3)
+    train = (lm_batches(tokens[:5], 5) + lm_batches(tokens[5:6], 1) + lm_batches(tokens[6:16], 5)
+             + lm_batches(tokens[16:], 4)
              + lm_batches(char_sequences(6, 20, offset=40)[:, :17], 3, pad_to=24))
     config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True, tolerance=tolerance)
     groups, original = [], audit.group_self_influence
 
     def spy(items, *args, **kwargs):
         groups.append([item.index for item in items])
-        return original(items, *args, **kwargs)
+        values = original(items, *args, **kwargs)
+        assert [len(per_layer[factors.layer_names[0]]) for per_layer, *_ in values] == [i.num_sequences for i in items]
+        return values
 
     monkeypatch.setattr(audit, "group_self_influence", spy)
     grouped = ei.self_influence(model, factors, train, ei.CausalLMObjective(), config, show_progress=False)
-    assert groups == [[0, 1, 2, 3], [4], [5, 6]]  # 16 sequences; then a new T; then the end
+    assert groups == [[0, 1, 2, 3], [4, 5], [6, 7]]  # 16 sequences; then a new T; then the end
     groups.clear()
     monkeypatch.setattr(audit, "GROUP_BYTES", 0)
     alone = ei.self_influence(model, factors, train, ei.CausalLMObjective(), config, show_progress=False)
-    assert groups == [[i] for i in range(7)]
+    assert groups == [[i] for i in range(8)]
     assert_close(grouped.values, alone.values, rtol=1e-12, atol=0)
     for name in alone.per_layer:
         assert_close(grouped.per_layer[name], alone.per_layer[name], rtol=1e-12, atol=1e-18, msg=name)
-    assert grouped.per_token.shape == (26, 24) and (grouped.per_token[20:, 17:] == 0).all()
+    assert grouped.per_token.shape == (28, 24) and (grouped.per_token[22:, 17:] == 0).all()
     assert_close(grouped.per_token, alone.per_token, rtol=1e-10, atol=1e-14)
     assert_close(grouped.sketch, alone.sketch, rtol=1e-10, atol=1e-14)
     if tolerance:
@@ -223,17 +228,46 @@ def test_batches_worked_in_groups_give_the_values_of_each_batch_worked_alone(lla
         assert_close(grouped.error, alone.error, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("poison, message", [
-    (float("nan"), r"non-finite values \(NaN or inf\) in the output gradients of layer model\.layers\.1\.mlp\.up_proj "
-                   r"in batch 1 \(sequences 4\.\.7\)"),
-    (1e30, r"the self-influence of layer model\.layers\.1\.mlp\.up_proj in batch 1 \(sequences 4\.\.7\) is not "
-           r"finite although its activations and gradients are: an overflow in torch\.float32"),
+@pytest.mark.parametrize("budget, worked", [
+    (150, [([0], [0]), ([1], [0, 1]), ([2], [0, 1, 2]), ([3], [0, 1, 2, 3]), ([4], [0, 1, 2, 3, 4])]),
+    (10**9, [([0, 1], [0, 1]), ([2, 3], [0, 1, 2, 3, 4]), ([4], [0, 1, 2, 3, 4])]),
 ])
-def test_nan_or_inf_in_a_batch_is_named_by_layer_and_batch_and_an_overflow_as_such(llama_factors, poison, message,
-                                                                                  monkeypatch):
+def test_a_batch_too_large_to_pair_is_worked_before_the_next_one_is_captured(budget, worked, monkeypatch):
+    """Groups close at GROUP_SEQUENCES (here 8), at a new T, and as soon as one more batch like the last would pass
+    GROUP_BYTES: a batch that cannot be paired is handed out alone before the capture is asked for the next, so
+    peak memory stays one batch's where two would not fit."""
+    from ekfac_influence.passes import BatchCapture
+
+    monkeypatch.setattr(audit, "GROUP_SEQUENCES", 8)
+    monkeypatch.setattr(audit, "GROUP_BYTES", budget)
+    pulled = []
+
+    def captures():
+        for index, (B, T) in enumerate([(4, 8), (4, 8), (4, 8), (2, 8), (4, 9)]):
+            pulled.append(index)
+            yield BatchCapture(index, 4 * index, B, B * T, {"layer": torch.zeros(B, T, 3)},
+                               {"layer": torch.zeros(B, T, 2)})
+
+    groups = audit._grouped(captures(), lambda batches: 100 * len(batches), lambda item: False)
+    assert [([batch.index for batch in group], list(pulled)) for group in groups] == worked
+
+
+NAMED = r"non-finite values \(NaN or inf\) in the {} of layer model\.layers\.1\.mlp\.{} in batch 1 \(sequences 4\.\.7\)"
+
+
+@pytest.mark.parametrize("strategy, tensor, layer, poison, message", [
+    ("ekfac", "grads", "up_proj", float("nan"), NAMED.format("output gradients", "up_proj")),
+    ("ekfac", "acts", "down_proj", float("inf"), NAMED.format("inputs", "down_proj")),  # gate and up share an input
+    ("exact", "grads", "up_proj", float("-inf"), NAMED.format("output gradients", "up_proj")),
+    ("ekfac", "grads", "up_proj", 1e30, r"the self-influence of layer model\.layers\.1\.mlp\.up_proj in batch 1 "
+                                        r"\(sequences 4\.\.7\) is not finite although its activations and gradients "
+                                        r"are: an overflow in torch\.float32 \(self_influence\.compute_dtype float64"),
+])
+def test_nan_or_inf_in_a_batch_is_named_by_layer_and_batch_and_an_overflow_as_such(llama_factors, strategy, tensor,
+                                                                                  layer, poison, message, monkeypatch):
     """The pass skips the capture's check of every value and checks the values it computes: NaN or inf in one
-    gradient of one sequence still names the layer and the batch, and a finite gradient whose self-influence
-    overflows float32 is called an overflow."""
+    activation or gradient of one sequence still names the layer and the batch (also where the exact strategy
+    couples the layers), and a finite gradient whose self-influence overflows float32 is called an overflow."""
     from ekfac_influence import passes
     from ekfac_influence.passes import NonFiniteError
 
@@ -243,12 +277,12 @@ def test_nan_or_inf_in_a_batch_is_named_by_layer_and_batch_and_an_overflow_as_su
     def poisoned(*args, **kwargs):
         item = original(*args, **kwargs)
         if item.index == 1:
-            item.grads["model.layers.1.mlp.up_proj"][2, 5, 7] = poison
+            getattr(item, tensor)[f"model.layers.1.mlp.{layer}"][2, 5, 7] = poison
         return item
 
     monkeypatch.setattr(passes, "_forward_backward", poisoned)
     with pytest.raises(NonFiniteError, match=message):
-        ei.self_influence(model, factors["ekfac"], train, ei.CausalLMObjective(), show_progress=False)
+        ei.self_influence(model, factors[strategy], train, ei.CausalLMObjective(), show_progress=False)
 
 
 def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_another_model(tmp_path, monkeypatch, capsys):
@@ -400,8 +434,8 @@ def test_identical_sequences_have_whitened_cosine_one_and_form_one_group(llama_f
     ids = train[0]["input_ids"]
     copies = [{"input_ids": ids[[0, 1, 0, 2, 0]], "attention_mask": torch.ones(5, ids.shape[1], dtype=torch.long),
                "labels": ids[[0, 1, 0, 2, 0]]}]
-    W_CD = audit.whitened_gradients(model, factors["ekfac"], copies, ei.CausalLMObjective(), dtype=torch.float64)
-    assert audit.duplicate_groups(audit.cosine_matrix(W_CD), 0.9) == [[0, 2, 4]]
+    W_CD = similarity.whitened_gradients(model, factors["ekfac"], copies, ei.CausalLMObjective(), dtype=torch.float64)
+    assert similarity.duplicate_groups(similarity.cosine_matrix(W_CD), 0.9) == [[0, 2, 4]]
 
 
 def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_script():

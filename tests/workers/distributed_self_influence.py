@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import bpe_tokenizer, corpus_batches  # noqa: E402
 
 import ekfac_influence as ei  # noqa: E402
-from ekfac_influence import audit, distributed  # noqa: E402
+from ekfac_influence import distributed, similarity  # noqa: E402
 from ekfac_influence.data import pack  # noqa: E402
 from ekfac_influence.demo import pydoc_documents  # noqa: E402
 
@@ -33,7 +33,7 @@ def run(out: str) -> None:
     factors = ei.fit_factors(model, train, objective, ei.FactorConfig(factor_dtype="float64"), show_progress=False)
     config = ei.SelfInfluenceConfig(compute_dtype="float64", per_token=True)
     result = ei.self_influence(model, factors, train, objective, config, show_progress=False)
-    W_ND = audit.whitened_gradients(model, factors, train, objective, dtype=torch.float64)
+    W_ND = similarity.whitened_gradients(model, factors, train, objective, dtype=torch.float64)
     if distributed.is_main():
         tensors = {"values": result.values, "per_token": result.per_token, "sketch": result.sketch, "whitened": W_ND,
                    "world": torch.tensor(distributed.world())}
