@@ -452,10 +452,11 @@ def self_influence(model: nn.Module, factors: Factors, train_batches: Iterable, 
         items = capture_pass(model, layers, train_batches, objective, loss="real", desc="self-influence",
                              show_progress=show_progress, start=start, check=False)
         for group in _grouped(items, lambda batches: _group_bytes(batches, largest, itemsize), due):
-            for item, result in zip(group, group_self_influence(group, factors, plan)):
-                local[item.index] = result
+            values = group_self_influence(group, factors, plan)
+            local.update({batch.index: value for batch, value in zip(group, values)})
             if due(group[-1]):
                 _save(checkpoint, local, group[-1].index + 1, factors.layer_names)
+            group.clear()  # the captures are freed before the next batch is captured
     merged = distributed.gather_by_key(local)
     if not merged:
         raise ValueError("train_batches is empty: no training sequence to audit")
@@ -477,6 +478,7 @@ def _grouped(items: Iterable[BatchCapture], bytes_of: Callable[[list[BatchCaptur
                 or bytes_of([*group, group[-1]]) > GROUP_BYTES or ends(item)):
             yield group
             group = []
+        del item  # not held while the next batch is captured
     if group:
         yield group
 

@@ -224,6 +224,7 @@ def collect_covariances(model, layers: list[TrackedLayer], batches, objective, c
             sums_S[layer.name] = add_covariance(sums_S[layer.name], item.grads[layer.name].flatten(0, 1),
                                                 factor_blocks(layer.out_features, config), dtype)
         _save_partial(checkpoint, "covariances", item.index + 1, {"A": sums_A, "S": sums_S}, num_sequences, num_tokens)
+        del item  # not held while the next batch is captured
     factors = ([_zeros_if_none(sums_A, l.name, (l.in_dim, l.in_dim), model, factor_blocks(l.in_dim, config), dtype)
                 for l in layers]
                + [_zeros_if_none(sums_S, l.name, (l.out_features, l.out_features), model,
@@ -275,6 +276,7 @@ def correct_eigenvalues(model, layers: list[TrackedLayer], fitted: list[LayerFac
                 g_BTO, at_least_float32(item.draw_acts(layer.name)), layer).to(dtype)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
         _save_partial(checkpoint, "correction", item.index + 1, {"lambda": sums}, num_sequences, 0)
+        del item, g_BTO  # not held while the next batch is captured
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model, dtype=dtype) for l in layers]
     # the pass's peak: the factors held, its local sums, and the eigenvectors of layers owned elsewhere
     _record("correction pass: local sums and eigenvectors",
@@ -362,6 +364,7 @@ def collect_diagonal(model, layers: list[TrackedLayer], batches, objective, conf
                                           at_least_float32(item.grads[layer.name]),
                                           at_least_float32(item.draw_acts(layer.name)), layer)
             sums[layer.name] = part_OI if sums[layer.name] is None else sums[layer.name] + part_OI
+        del item  # not held while the next batch is captured
     tensors = [_zeros_if_none(sums, l.name, (l.out_features, l.in_dim), model) for l in layers]
     num_sequences, num_tokens = _reduce_counts(tensors, num_sequences, num_tokens)
     return [LayerFactors(l.name, l.out_features, l.in_dim, lambda_OI=sums[l.name] / num_sequences) for l in layers], \

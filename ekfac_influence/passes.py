@@ -147,6 +147,7 @@ def capture_pass(
         if check:
             item.check_finite()
         yield item
+        del item  # not held while the next batch is captured
     if pad_to is not None and runs < pad_to:
         if last is None:  # no batch of its own: borrow the first one
             last = to_device(next(iter(batches)), device)
