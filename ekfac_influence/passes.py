@@ -33,7 +33,7 @@ class BatchCapture:
 
     @property
     def where(self) -> str:
-        return f"batch {self.index} (sequences {self.first}..{self.first + self.num_sequences - 1})"
+        return batch_place(self.index, self.first, self.num_sequences)
 
     def check_finite(self) -> None:
         """Raise NonFiniteError naming the first layer whose activations or output gradients hold NaN or inf."""
@@ -48,6 +48,11 @@ class BatchCapture:
 
 class NonFiniteError(ValueError):
     """NaN or inf in a layer's activations, gradients or factors; the message names the layer and batch."""
+
+
+def batch_place(index: int, first: int, num_sequences: int) -> str:
+    """How errors name a batch: "batch 3 (sequences 24..31)"."""
+    return f"batch {index} (sequences {first}..{first + num_sequences - 1})"
 
 
 def check_finite(kind: str, tensors: dict[str, Tensor], where: str) -> None:
@@ -177,7 +182,7 @@ def _forward_backward(model, layers, batch, objective: Objective, loss: str, sam
     mask_BT = effective_mask(objective.token_mask(batch))
     acts = {layer.name: capture.activations(layer, mask_BT) for layer in layers}
     B, T = next(iter(acts.values())).shape[:2]
-    where = f"batch {index} (sequences {first}..{first + B - 1})"
+    where = batch_place(index, first, B)
     for value in values:
         if not torch.isfinite(value):
             check_finite("inputs", acts, where)
