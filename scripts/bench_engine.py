@@ -11,7 +11,9 @@ A tiny Llama (built in code, float32) on real text: Python's own documentation
                  a tolerance ε (`--tolerance`, 0.05) on a copy of the model trained for 3 epochs first (an
                  untrained model's spectrum is flat, so ε saves nothing there); prints the error measured
 
-and prints each stage's seconds, its ratio to the epoch, and the aim it is held to (docs/benchmarks.md).
+and prints each stage's seconds, its ratio to the epoch, and the aim it is held to (docs/benchmarks.md);
+then the multiply-adds per sequence of a training step and of the self-influence pass's parts (torch's
+FlopCounterMode on one batch): what the self-influence ratios tend to where the time goes to products.
 
 Run from the repository root (about 3 minutes on 2 CPU cores; the figures go into docs/benchmarks.md):
 
@@ -48,7 +50,7 @@ import torch
 import ekfac_influence as ei
 from ekfac_influence.factors import eigendecompose
 from ekfac_influence.model import select_layers
-from ekfac_influence.passes import capture_pass, evaluation_mode
+from ekfac_influence.passes import capture_pass, device_of, evaluation_mode
 from ekfac_influence.factors import check_factors_match
 from ekfac_influence.fit import collect_covariances, correct_eigenvalues
 from ekfac_influence.influence import query_gradients, score_training_set
@@ -343,6 +345,68 @@ def floor_in_steps(model, factors, query_batches: list[dict], batches: list[dict
     return steps
 
 
+def _batched_product(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """FLOPs of an in-place baddbmm_ (FlopCounterMode counts only the out-of-place one)."""
+    batch, rows, inner = a_shape
+    return 2 * batch * rows * inner * b_shape[-1]
+
+
+def self_influence_arithmetic(args, trained, factors, batch: dict, objective, tolerance: float) -> str:
+    """Multiply-adds per sequence of a training step and of the self-influence pass, counted by torch's
+    FlopCounterMode on one batch, as shares of a step: where a machine's time goes to products (a large GPU batch),
+    the ratios the table above measures tend to these.
+
+    Counted on an eager-attention copy of the trained model (the counter has no formula for the CPU's fused
+    attention); the pass's kernels (`audit.group_self_influence`) exactly as they run, with and without the
+    near-duplicate sketch, exact and with the tolerance.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ekfac_influence import audit
+
+    eager = tiny_llama(args.hidden, args.intermediate, args.layers, args.heads, "eager")
+    eager.load_state_dict(trained.state_dict())
+    eager.to(device_of(trained))
+    layers = check_factors_match(factors, eager)
+    B = len(batch["input_ids"])
+
+    def per_sequence(fn) -> float:
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: _batched_product}) as counter:
+            fn()
+        return counter.get_total_flops() / 2 / B
+
+    def step():
+        eager.train()
+        eager(**batch).loss.backward()
+        eager.zero_grad(set_to_none=True)
+
+    captured = []
+
+    def capture():
+        with evaluation_mode(eager):
+            captured.extend(capture_pass(eager, layers, [batch], objective, loss="real", show_progress=False,
+                                         check=False))
+
+    def kernels(**config) -> float:
+        plan = audit.plan_audit(factors, ei.SelfInfluenceConfig(**config), device_of(trained))
+        return per_sequence(lambda: audit.group_self_influence(captured, factors, plan)) / unit
+
+    unit = per_sequence(step)
+    capture_share = per_sequence(capture) / unit
+    T = batch["input_ids"].shape[1]
+    dw = sum(T * layer.out_dim * layer.in_dim for layer in factors.layers) / unit
+    rows = [("a training step (forward + backward)", 1.0), ("capture (forward + backward to the tracked outputs)",
+            capture_share), ("+ the per-sequence gradients DW", capture_share + dw)]
+    for name, config in ((f"ε = {tolerance:g}", dict(tolerance=tolerance)),
+                         (f"ε = {tolerance:g}, no sketch", dict(tolerance=tolerance, duplicate_sketch=0)),
+                         ("exact", {}), ("exact, no sketch", dict(duplicate_sketch=0))):
+        rows.append((f"self-influence pass, {name}", capture_share + kernels(**config)))
+    lines = ["\nMultiply-adds per sequence (torch's FlopCounterMode on one batch of an eager-attention copy of the "
+             "trained model; products only):\n", "| | multiply-adds (M) | × training step |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {share * unit / 1e6:.0f} | {share:.2f} |" for name, share in rows]
+    return "\n".join(lines)
+
+
 def break_even(label: str, steps: dict[str, Measurement], num_sequences: int, aim: float) -> str:
     """From which N a scoring stage meets its aim: per-query work is fixed, the training pass grows with N."""
     fixed = sum(m.seconds for name, m in steps.items() if name != TRAINING_PASS)
@@ -550,6 +614,7 @@ def main() -> None:
     print(f"\nε = {args.tolerance:g} on the trained model: s(n) off the exact pass by at most {relative:.2e} of itself "
           f"(the bound it reports: {cut.max_relative_error():.2e}; ε / (1 − ε) = "
           f"{args.tolerance / (1 - args.tolerance):.2e})")
+    print(self_influence_arithmetic(args, trained, trained_factors, train[0], objective, args.tolerance))
     if break_evens:
         print("\nPer-query work is paid once, whatever N; the training pass grows with N like an epoch does:\n")
         print("\n".join(break_evens))
