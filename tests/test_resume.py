@@ -1,6 +1,6 @@
-"""Kill tests: SIGKILL a fit during its covariance pass and its eigenvalue-correction pass, and a query
-during its scan; the rerun resumes from the saved partial sums and ends with exactly the factors and
-scores of an uninterrupted run."""
+"""Kill tests: SIGKILL a fit during its covariance pass and its eigenvalue-correction pass, a query during
+its scan, and a self-influence audit during its pass; the rerun resumes from the saved partial sums and ends
+with exactly the factors, scores and audit of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -149,6 +149,38 @@ def test_a_query_killed_during_its_scan_resumes_and_gives_the_scores_of_an_unint
                                   np.fromfile(reference / "scores.f32", dtype=np.float32))
     assert (again / "topk.jsonl").read_text() == (reference / "topk.jsonl").read_text()
     assert not (project / run / "queries" / ".q.partial").exists()
+
+
+AUDIT = ("--self_influence.batch_size", "1", "--self_influence.checkpoint_batches", "1",
+         "--self_influence.compute_dtype", "float64")
+
+
+def test_a_self_influence_audit_killed_midway_resumes_and_gives_the_audit_of_an_uninterrupted_one(project):
+    """SIGKILL the `self-influence` stage in its pass over the corpus; the rerun takes the saved batches from the
+    checkpoint and writes the same s(n), extremes, per-token values and near-duplicate groups."""
+    import shutil
+
+    run = "runs/killed-audit"
+    for copy in ("runs/audited", run):
+        shutil.copytree(project / "runs/reference", project / copy, ignore=shutil.ignore_patterns("queries"))
+    reference = subprocess.run(command("self-influence", "runs/audited", *AUDIT), cwd=project, env=ENV,
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    process = subprocess.Popen(niced(command("self-influence", run, *AUDIT)), cwd=project, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reached = kill_when(process, project / run / ".self_influence.partial" / "self_influence.rank0.json", at_batch=5)
+    total = int(json.loads((project / "runs/audited/self_influence/manifest.json").read_text())["num_sequences"])
+    assert reached < total  # killed in the middle of the pass
+    assert not (project / run / "self_influence").exists()
+    resumed = subprocess.run(command("self-influence", run, *AUDIT), cwd=project, env=ENV, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming self-influence at batch" in resumed.stdout
+    first, again = project / "runs/audited/self_influence", project / run / "self_influence"
+    np.testing.assert_array_equal(np.fromfile(again / "self_influence.f32", dtype=np.float32),
+                                  np.fromfile(first / "self_influence.f32", dtype=np.float32))
+    assert (again / "top.jsonl").read_text() == (first / "top.jsonl").read_text()
+    assert not (project / run / ".self_influence.partial").exists()
 
 
 def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_process(project):
