@@ -6,7 +6,8 @@
                             near-duplicate groups ({"kind": "duplicate_group"}), with text and provenance
       manifest.json         what was computed from what
       self_influence.html   the distribution (histogram of log10 s(n), inline SVG), the top sequences with
-                            their tokens shaded by s_t(n), the near-duplicate groups; no script, no network
+                            their tokens shaded by s_t(n), the near-duplicate groups and the source documents,
+                            linked within the page; no script, no network
 
 The page is the template `assets/self_influence.html.j2`, rendered with autoescaping (every string
 from the data is escaped); its Content-Security-Policy allows no script and no fetch at all. Token
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
-from .report_data import provenance_text
+from .report_data import doc_id, provenance_text
 from .report_html import render_template, sci, shade
 from .storage import staged_directory
 from .token_text import token_pieces
@@ -63,7 +64,12 @@ def write_audit(out, values_N: np.ndarray, records: list[dict], manifest: dict, 
 
 
 def render_page(values_N: np.ndarray, records: list[dict], manifest: dict) -> str:
-    """The audit page from `assets/self_influence.html.j2` (autoescaped; no script at all)."""
+    """The audit page from `assets/self_influence.html.j2` (autoescaped; no script at all).
+
+    Linked within the page: each sequence's source documents (`#doc-k`, a section listing the sequences shown from
+    each document, linked back), its near-duplicate group (`#group-g`), and a group's members that are shown among
+    the highest or lowest (`#seq-n`, on their first appearance).
+    """
     sides = [("highest", "Highest self-influence: outliers, rare or memorised text"),
              ("lowest", "Lowest self-influence: text the model finds typical")]
     facts = [("training sequences", len(values_N)), ("strategy", manifest.get("strategy")),
@@ -72,11 +78,54 @@ def render_page(values_N: np.ndarray, records: list[dict], manifest: dict) -> st
     if manifest.get("max_relative_error") is not None:
         facts.append(("tolerance ε", f"{manifest['tolerance']:g}: each s(n) is high by at most "
                                      f"{100 * manifest['max_relative_error']:.2g}% of itself"))
+    links = _Links()
+    shown = [(title, [_sequence_view(r, links) for r in records if r["kind"] == kind]) for kind, title in sides]
+    groups = [_group_view(r, links) for r in records if r["kind"] == "duplicate_group"]
     return render_template("self_influence.html.j2", csp=Markup(CSP), style=Markup(_STYLE),
                            facts=[(label, str(value)) for label, value in facts if value is not None],
-                           histogram=histogram(values_N),
-                           sides=[(title, [_sequence_view(r) for r in records if r["kind"] == kind]) for kind, title in sides],
-                           groups=[_group_view(r) for r in records if r["kind"] == "duplicate_group"])
+                           histogram=histogram(values_N), sides=shown, groups=groups, documents=links.documents())
+
+
+class _Links:
+    """The page's anchors: a sequence's first appearance (`seq-n`), a group (`group-g`) and each source document
+    (`doc-k`, numbered in order of first mention: a document's name can hold any character), with the sequences
+    shown from it."""
+
+    def __init__(self):
+        self.anchored: set[int] = set()
+        self._documents: dict[tuple, dict] = {}  # (name, row) -> {"anchor", "name", "sequences"}
+        self._listed: set[tuple[str, int]] = set()  # (document anchor, sequence) already in its document's list
+
+    def sequence(self, n: int) -> str | None:
+        """`seq-n` on the sequence's first appearance in the highest or lowest, None after."""
+        if n in self.anchored:
+            return None
+        self.anchored.add(n)
+        return f"seq-{n}"
+
+    def target(self, n: int, group: int | None) -> str | None:
+        """Where a mention of sequence n leads: its record if shown, else its group."""
+        return f"seq-{n}" if n in self.anchored else (None if group is None else f"group-{group}")
+
+    def provenance(self, provenance: list, n: int, value: str, group: int | None = None) -> list[dict]:
+        """Each source piece's text (`doc:row[c0:c1]`) and its document's anchor; n joins the document's list."""
+        pieces = []
+        for piece in provenance or []:
+            row = piece.get("row") if isinstance(piece, dict) else None
+            name = doc_id(piece)
+            document = self._documents.setdefault((name, row), {
+                "anchor": f"doc-{len(self._documents)}", "name": name + ("" if row is None else f":{row}"),
+                "sequences": []})
+            text = provenance_text([piece])
+            if (document["anchor"], n) not in self._listed:
+                self._listed.add((document["anchor"], n))
+                document["sequences"].append({"sequence": n, "value": value, "target": self.target(n, group),
+                                              "span": text[len(document["name"]):]})  # [c0:c1] or ""
+            pieces.append({"text": text, "anchor": document["anchor"]})
+        return pieces
+
+    def documents(self) -> list[dict]:
+        return list(self._documents.values())
 
 
 def histogram(values_N: np.ndarray, bins: int = 40, width: int = 720, height: int = 180) -> dict | None:
@@ -94,11 +143,13 @@ def histogram(values_N: np.ndarray, bins: int = 40, width: int = 720, height: in
             "high": f"{edges[-1]:.2f}"}
 
 
-def _sequence_view(record: dict) -> dict:
+def _sequence_view(record: dict, links: _Links) -> dict:
     """Tokens shaded by s_t(n) within the sequence (s(n) spans orders of magnitude across sequences)."""
     tokens, values = record.get("tokens"), record.get("per_token")
-    view = {"rank": record["rank"], "value": sci(record["self_influence"], sign=False), "sequence": record["sequence"],
-            "provenance": provenance_text(record["provenance"]), "group": record.get("group"),
+    n, value = record["sequence"], sci(record["self_influence"], sign=False)
+    anchor = links.sequence(n)  # before its documents list it, so that they link to it
+    view = {"rank": record["rank"], "value": value, "sequence": n, "anchor": anchor,
+            "provenance": links.provenance(record["provenance"], n, value), "group": record.get("group"),
             "text": record.get("text", ""), "tokens": None}
     if tokens and values:
         peak = max((abs(v) for v in values), default=0.0)
@@ -107,11 +158,15 @@ def _sequence_view(record: dict) -> dict:
     return view
 
 
-def _group_view(group: dict) -> dict:
-    return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}",
-            "members": [{"sequence": m["sequence"], "value": sci(m["self_influence"], sign=False),
-                         "provenance": provenance_text(m["provenance"]), "text": " ".join(m["text"].split())[:200]}
-                        for m in group["sequences"]]}
+def _group_view(group: dict, links: _Links) -> dict:
+    """A group's members, each linked to its record where the highest or lowest show it, and to its documents."""
+    members = []
+    for member in group["sequences"]:
+        n, value = member["sequence"], sci(member["self_influence"], sign=False)
+        members.append({"sequence": n, "value": value, "target": links.target(n, None),
+                        "provenance": links.provenance(member["provenance"], n, value, group["group"]),
+                        "text": " ".join(member["text"].split())[:200]})
+    return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}", "members": members}
 
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:60em;color:#1f2937}
@@ -120,4 +175,6 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}h3{font-size:1em}.note,.
 .head{font-size:.9em;color:#374151}.doc{font-family:ui-monospace,monospace}
 .tokens,.text{font-family:ui-monospace,monospace;white-space:pre-wrap;background:#f9fafb;padding:.3em;border-radius:4px}
 .tok:empty{display:inline-block;width:2px;margin-right:-2px;height:1.1em;vertical-align:text-bottom}
-.badge{background:#fde68a;border-radius:3px;padding:0 .3em}.group{border-left:3px solid #fbbf24;padding-left:.8em}"""
+.badge{background:#fde68a;border-radius:3px;padding:0 .3em}.group{border-left:3px solid #fbbf24;padding-left:.8em}
+.source{border-left:3px solid #c7d2fe;padding-left:.8em}a{color:inherit;text-decoration-style:dotted}
+:target{background:#fef3c7}"""

@@ -468,6 +468,70 @@ def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_sc
     assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
 
 
+def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back():
+    """Every in-page link has one target: a sequence's source documents (a section per document, listing the shown
+    sequences from it and linking back), its group, and a group member to its record where the lists show it."""
+    import html
+    import re
+    from html.parser import HTMLParser
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from conftest import bpe_tokenizer
+    from ekfac_influence.audit_report import group_record, render_page, sequence_record
+
+    tokenizer = bpe_tokenizer()
+    ids = [tokenizer(text)["input_ids"] for text in ("first text", "second", "packed over two", "a copy")]
+    T = max(map(len, ids))
+    A, B, C = {"doc": 'a "quoted" <doc>', "row": 0}, {"doc": "b", "row": 1}, {"doc": "c", "row": 2}
+    corpus = SimpleNamespace(tokens_NT=np.array([row + [0] * (T - len(row)) for row in ids], dtype=np.int32),
+                             lengths_N=np.array([len(row) for row in ids]),
+                             provenance=[[dict(A, char_span=[0, 10])], [dict(B, char_span=[0, 6])],
+                                         [dict(A, char_span=[10, 20]), dict(B, char_span=[6, 9])],
+                                         [dict(C, char_span=[0, 6])]])
+    values_N = np.array([4.0, 0.1, 2.0, 3.0])
+    records = [sequence_record("highest", 1, 0, 4.0, corpus, tokenizer, group=0),
+               sequence_record("highest", 2, 2, 2.0, corpus, tokenizer),
+               sequence_record("lowest", 1, 1, 0.1, corpus, tokenizer),
+               sequence_record("lowest", 2, 2, 2.0, corpus, tokenizer),  # shown twice: one anchor
+               group_record(0, [0, 3], values_N, 0.95, corpus, tokenizer)]
+    page = render_page(values_N, records, {"strategy": "ekfac", "duplicate_threshold": 0.9})
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.hrefs, self.stack = [], [], []  # hrefs: (from the element with this id, to)
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "id" in attrs:
+                self.ids.append(attrs["id"])
+            if tag == "a":
+                self.hrefs.append((next((i for _, i in reversed(self.stack) if i), None), attrs["href"][1:]))
+            elif tag != "meta":  # the page's one void element
+                self.stack.append((tag, attrs.get("id")))
+
+        def handle_endtag(self, tag):
+            if any(open_tag == tag for open_tag, _ in self.stack):
+                while self.stack.pop()[0] != tag:
+                    pass
+
+    parsed = Links()
+    parsed.feed(page)
+    links = set(parsed.hrefs)
+    assert len(parsed.ids) == len(set(parsed.ids))  # each sequence anchored once
+    assert {to for _, to in links} <= set(parsed.ids)  # no link without its target
+    documents = {html.unescape(re.search(r'id="(doc-\d+)"><h3 class="doc">(.*?)</h3>', block).group(2)):
+                 re.search(r'id="(doc-\d+)"', block).group(1) for block in page.split('<div class="source" ')[1:]}
+    assert sorted(documents) == ['a "quoted" <doc>:0', "b:1", "c:2"]  # escaped on the page, the name exactly
+    a, b, c = (documents[name] for name in sorted(documents))
+    assert {("seq-0", a), ("seq-0", "group-0"), ("seq-2", a), ("seq-2", b), ("seq-1", b)} <= links
+    assert {(a, "seq-0"), (a, "seq-2"), (b, "seq-2"), (b, "seq-1"), (c, "group-0")} <= links  # back from the documents
+    assert ("group-0", "seq-0") in links and not any(to == "seq-3" for _, to in links)  # seq 3: only in its group
+    assert ("group-0", c) in links
+
+
 @pytest.mark.parametrize("order", ROTATION_ORDERS)
 def test_self_influence_tokens_and_sketches_do_not_depend_on_the_rotation_order(llama_factors, order, monkeypatch):
     """Every order forced on every layer gives the s(n), per-layer, per-token values and k × k sketches of the
