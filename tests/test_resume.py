@@ -155,32 +155,60 @@ AUDIT = ("--self_influence.batch_size", "1", "--self_influence.checkpoint_batche
          "--self_influence.compute_dtype", "float64")
 
 
-def test_a_self_influence_audit_killed_midway_resumes_and_gives_the_audit_of_an_uninterrupted_one(project):
+@pytest.fixture(scope="module")
+def audited(project) -> Path:
+    """The `self-influence` stage run once, on one process, uninterrupted: <run>/self_influence."""
+    import shutil
+
+    shutil.copytree(project / "runs/reference", project / "runs/audited", ignore=shutil.ignore_patterns("queries"))
+    done = subprocess.run(command("self-influence", "runs/audited", *AUDIT), cwd=project, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return project / "runs/audited/self_influence"
+
+
+def assert_same_audit(first: Path, again: Path) -> None:
+    np.testing.assert_array_equal(np.fromfile(again / "self_influence.f32", dtype=np.float32),
+                                  np.fromfile(first / "self_influence.f32", dtype=np.float32))
+    assert (again / "top.jsonl").read_text() == (first / "top.jsonl").read_text()
+
+
+def test_a_self_influence_audit_killed_midway_resumes_and_gives_the_audit_of_an_uninterrupted_one(project, audited):
     """SIGKILL the `self-influence` stage in its pass over the corpus; the rerun takes the saved batches from the
     checkpoint and writes the same s(n), extremes, per-token values and near-duplicate groups."""
     import shutil
 
     run = "runs/killed-audit"
-    for copy in ("runs/audited", run):
-        shutil.copytree(project / "runs/reference", project / copy, ignore=shutil.ignore_patterns("queries"))
-    reference = subprocess.run(command("self-influence", "runs/audited", *AUDIT), cwd=project, env=ENV,
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    shutil.copytree(project / "runs/reference", project / run, ignore=shutil.ignore_patterns("queries"))
     process = subprocess.Popen(niced(command("self-influence", run, *AUDIT)), cwd=project, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reached = kill_when(process, project / run / ".self_influence.partial" / "self_influence.rank0.json", at_batch=5)
-    total = int(json.loads((project / "runs/audited/self_influence/manifest.json").read_text())["num_sequences"])
+    total = int(json.loads((audited / "manifest.json").read_text())["num_sequences"])
     assert reached < total  # killed in the middle of the pass
     assert not (project / run / "self_influence").exists()
     resumed = subprocess.run(command("self-influence", run, *AUDIT), cwd=project, env=ENV, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming self-influence at batch" in resumed.stdout
-    first, again = project / "runs/audited/self_influence", project / run / "self_influence"
-    np.testing.assert_array_equal(np.fromfile(again / "self_influence.f32", dtype=np.float32),
-                                  np.fromfile(first / "self_influence.f32", dtype=np.float32))
-    assert (again / "top.jsonl").read_text() == (first / "top.jsonl").read_text()
+    assert_same_audit(audited, project / run / "self_influence")
     assert not (project / run / ".self_influence.partial").exists()
+
+
+def test_the_self_influence_stage_on_two_processes_writes_the_audit_of_one(project, audited):
+    """torchrun (gloo), 2 processes: each audits its share of the batches, the main process writes the merged
+    result; the same s(n), extremes and groups as one process."""
+    import shutil
+
+    run = "runs/audit-two"
+    shutil.copytree(project / "runs/reference", project / run, ignore=shutil.ignore_patterns("queries"))
+    config = yaml.safe_load((project / "run.yaml").read_text())
+    (project / "audit-two.yaml").write_text(yaml.safe_dump(dict(config, run=run)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
+              "ekfac_influence", "self-influence", "--config", "audit-two.yaml", "--quiet", *AUDIT]
+    done = subprocess.run(launch, cwd=project, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((project / run / "self_influence" / "manifest.json").read_text())["num_sequences"] > 2
+    assert_same_audit(audited, project / run / "self_influence")
 
 
 def test_a_two_process_fit_killed_midway_resumes_and_gives_the_factors_of_one_process(project):
