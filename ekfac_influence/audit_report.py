@@ -39,10 +39,17 @@ def sequence_record(kind: str, rank: int, n: int, value: float, corpus, tokenize
             "per_token": per_token, "group": group, "tokens": tokens, "text": text, "provenance": corpus.provenance[n]}
 
 
+COSINE_SAMPLE = 1000
+"""A group's lowest sketched cosine is taken over the pairs of its first this many sequences (all, in a smaller one)."""
+
+
 def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosine: float, corpus, tokenizer) -> dict:
-    """A near-duplicate group: its sequences (highest self-influence first) with text and provenance."""
+    """A near-duplicate group: its sequences (highest self-influence first) with text and provenance; `min_cosine`
+    is the lowest sketched cosine between its first `min_cosine_over` sequences (in the search's order)."""
+    over = min(len(members), COSINE_SAMPLE)
     members = sorted(members, key=lambda n: -values_N[n])
     return {"kind": "duplicate_group", "group": index, "size": len(members), "min_cosine": min_cosine,
+            "min_cosine_over": over,
             "sequences": [{"sequence": n, "self_influence": float(values_N[n]), "provenance": corpus.provenance[n],
                            "text": tokenizer.decode([int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]])}
                           for n in members]}
@@ -166,7 +173,11 @@ def _group_view(group: dict, links: _Links) -> dict:
         members.append({"sequence": n, "value": value, "target": links.target(n, None),
                         "provenance": links.provenance(member["provenance"], n, value, group["group"]),
                         "text": " ".join(member["text"].split())[:200]})
-    return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}", "members": members}
+    over = group.get("min_cosine_over", group["size"])
+    cosines = ("every pairwise sketched cosine" if over >= group["size"] else
+               f"every pairwise sketched cosine among its first {over:,} sequences")
+    return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}", "cosines": cosines,
+            "members": members}
 
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:60em;color:#1f2937}

@@ -254,7 +254,10 @@ class QueryConfig:
     normalize: str = "none"
     """Rank by the raw score (none), by RelatIF score / √s(n) (relatif), or by the cosine
     score / (‖P^{1/2}∇f_q‖ ‖P^{1/2}∇log p(z_n)‖) (cosine); s(n) = the sequence's self-influence.
-    The raw score is kept beside the normalised one."""
+    The raw score is kept beside the normalised one. The normalised ranking orders the pool the scan
+    hands to the rescoring: each query's max(rerank, top_k) highest and lowest raw scores, whose s(n)
+    one self-influence pass computes. A sequence outside that pool is not ranked: raise `rerank` to
+    widen it."""
 
     def __post_init__(self) -> None:
         _require(self.normalize in NORMALIZATIONS, "normalize",

@@ -127,8 +127,20 @@ def summary_items(manifest: dict, records: list[dict]) -> list[tuple[str, str, s
     return [(label, str(value), title) for label, value, title in items if value is not None]
 
 
+RANKINGS = {"relatif": "RelatIF, score / √s(n)", "cosine": "cosine, score / (‖P^{1/2}∇f‖ · ‖P^{1/2}∇log p(z_n)‖)"}
+"""query.normalize's rankings as the page names them (s(n): the sequence's self-influence)."""
+
+
+def ranking_of(record: dict) -> str | None:
+    """The normalisation that ranks this query's sequences (the record's `ranking`, e.g. "relatif (…)"); None: raw."""
+    ranking = record.get("ranking")
+    kind = ranking.split()[0] if isinstance(ranking, str) and ranking.strip() else None
+    return None if kind in (None, "none") else kind
+
+
 def query_view(i: int, record: dict, layer_order: list[str], num_train) -> dict:
     hits = [hit for _, key in SIDES for hit in record.get(key, [])]
+    kind = ranking_of(record)
     token_peak = max((abs(_finite(v)) for hit in hits for v in _token_values(hit)), default=0.0)
     layer_peak = max((abs(_finite(v)) for hit in hits for v in (hit.get("per_layer") or {}).values()), default=0.0)
     contrast, logp = record.get("contrast"), record.get("logp")
@@ -139,10 +151,13 @@ def query_view(i: int, record: dict, layer_order: list[str], num_train) -> dict:
             "measured": "log p(completion) − log p(contrast)" if isinstance(contrast, str) else "log p(completion | prompt)",
             "logp": f"{logp:.4g}" if _is_number(logp) else None, "prompt_tokens": record.get("prompt_tokens"),
             "completion_tokens": record.get("completion_tokens", "?"), "num_candidates": candidates,
-            "num_train": num_train, "details": _details(record, QUERY_KEYS),
+            "num_train": num_train, "details": _details(record, QUERY_KEYS | {"ranking"}),
+            "ranking": kind, "ranked_by": ("ranked by the raw score" if kind is None else
+                                           f"ranked by {RANKINGS.get(kind, kind)}; the raw score is shown beside it"),
             "token_scale": colour_scale(token_peak), "layer_scale": sci(layer_peak, sign=False) if layer_peak else None,
             "sides": [{"side": side, "title": SIDE_TITLES[side],
-                       "hits": [hit_view(side, hit, layer_order, token_peak, layer_peak, candidates, num_train)
+                       "hits": [hit_view(side, hit, layer_order, token_peak, layer_peak, candidates, num_train,
+                                         ranked=kind is not None)
                                 for hit in record.get(key, [])]} for side, key in SIDES]}
 
 
@@ -161,13 +176,18 @@ def colour_scale(peak: float) -> dict | None:
 
 
 def hit_view(side: str, hit: dict, layer_order: list[str], token_peak: float, layer_peak: float, candidates,
-             num_train) -> dict:
+             num_train, *, ranked: bool = False) -> dict:
+    """ranked: a normalised score ranks the query's sequences; it heads the sequence beside the raw score, and the
+    standing among the candidates is not shown (the rank is within the rescored pool, not among every candidate)."""
     score, rank, delta = hit["score"], hit.get("rank"), hit.get("delta_logp")
+    normalized = hit.get("normalized_score") if ranked else None
     return {"side": side, "rank": rank, "score": float(score), "score_text": sci(score), "delta": sci(delta),
             "delta_beyond": _is_number(delta) and abs(delta) > LINEAR_RANGE, "sequence": hit.get("sequence"),
-            "spurious": bool(hit.get("spurious")), "standing": standing(side, rank, candidates),
+            "spurious": bool(hit.get("spurious")), "standing": None if ranked else standing(side, rank, candidates),
+            "normalized": sci(normalized) if _is_number(normalized) else None,
             "provenance": [_provenance(piece) for piece in hit.get("provenance") or []],
-            "details": _details(hit, HIT_KEYS), "text": str(hit.get("text", "")),
+            "details": _details(hit, HIT_KEYS | ({"normalized_score"} if normalized is not None else set())),
+            "text": str(hit.get("text", "")),
             "tokens": token_views(hit, token_peak), "layers": layer_views(hit.get("per_layer") or {}, layer_order, layer_peak)}
 
 

@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .audit import self_influence as compute_self_influence
-from .audit_report import group_record, sequence_record, write_audit
+from .audit_report import COSINE_SAMPLE, group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
 from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, dataset_documents, load_corpus,
                    locate_corpus_problem, pack_to_disk, training_batches)
@@ -478,7 +478,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
                                    per_token=detail.per_token[i, : int(corpus.lengths_N[n])].tolist(), group=group_of.get(n))
 
         def lowest_cosine(members: list[int]) -> float:
-            return float(sketched_cosines(result.sketch, members[:1000]).min())  # a sample of a huge group
+            return float(sketched_cosines(result.sketch, members[:COSINE_SAMPLE]).min())  # a sample of a huge group
 
         records = [record("highest", r + 1, int(n)) for r, n in enumerate(order[:top])]
         records += [record("lowest", r + 1, int(n)) for r, n in enumerate(order[::-1][:top])]

@@ -5,7 +5,7 @@
 Random-byte sequences, 20 copies of one paragraph, a paragraph in German and the shuffled tokens of
 a real paragraph are added to the demo's documents; the demo's LM is trained on all of it, EK-FAC
 factors are fitted, and s(n) ranks every sequence. Prints each oddity's rank (percentile) and the
-near-duplicate groups among the top sequences.
+near-duplicate groups, searched over the whole corpus (the copies are memorised: their s(n) is low).
 """
 
 from __future__ import annotations

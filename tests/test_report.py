@@ -190,6 +190,30 @@ def test_each_sequence_shows_its_standing_among_the_candidates_and_delta_logp_is
     assert "standing" not in render_html([{**records()[0], "num_candidates": None}], {}).split("<main>")[1]
 
 
+def test_a_normalised_ranking_is_named_and_heads_each_sequence_beside_its_raw_score(query_dir):
+    """query.normalize: the page says which score ranks the sequences, shows it before the raw score, and drops the
+    standing among the candidates (its rank is within the rescored pool); the rows keep both scores."""
+    plain, normalised = records()
+    normalised = {**normalised, "ranking": "relatif (normalized_score ranks, score is raw)",
+                  "top_positive": [{**normalised["top_positive"][0], "normalized_score": 0.75, "self_influence": 144.0}],
+                  "top_negative": [{**normalised["top_negative"][0], "normalized_score": -0.25, "self_influence": 4.0}]}
+    (query_dir / "topk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (plain, normalised)), encoding="utf-8")
+    paths = export_report(query_dir)
+    page = paths["html"].read_text(encoding="utf-8")
+    first, second = page.split('<section class="query"')[1:]
+    assert '<span class="ranking">ranked by the raw score</span>' in first and "standing" in first
+    assert '<span class="ranking">ranked by RelatIF, score / √s(n); the raw score is shown beside it</span>' in second
+    heads = re.findall(r'<span class="score normalized"[^>]*>relatif <b>([^<]+)</b></span>\s*'
+                       r'<span class="score"[^>]*>score <b>([^<]+)</b></span>', second)
+    assert heads == [("+7.500e-01", "+9.000e+00"), ("-2.500e-01", "-5.000e-01")]
+    assert "standing" not in second and "normalized" not in first
+    assert "self_influence: <b>144.0</b>" in second and "normalized_score:" not in second  # in the head, not twice
+    rows = [json.loads(line) for line in paths["jsonl"].read_text(encoding="utf-8").splitlines()]
+    assert [(r["query_id"], r.get("normalized_score"), r["score"]) for r in rows[-2:]] == [("q1", 0.75, 9.0),
+                                                                                          ("q1", -0.25, -0.5)]
+    assert rows[-1]["ranking"].startswith("relatif") and "ranking" not in rows[0]
+
+
 def test_the_model_is_named_by_its_path_from_the_run_beside_its_fingerprint(query_dir, tmp_path):
     assert read_model(query_dir) is None  # a query set outside a run, and no "model" in its manifest
     run = tmp_path / "runs" / "mine"

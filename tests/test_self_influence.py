@@ -464,11 +464,11 @@ def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_sc
     shown = [html.unescape(re.sub(r"<[^>]+>", "", box)) for box in re.findall(r'<div class="tokens">(.*?)</div>', page)]
     assert shown == texts  # the token spans, joined, are the text byte for byte: no �, no added space
     assert "<script" not in page and "<img" not in page and "&lt;script&gt;window.__pwned" in page
-    assert "tokyo &lt;b&gt;:0" in page and "every pairwise cosine ≥ 0.910" in page and "<svg" in page
+    assert "tokyo &lt;b&gt;:0" in page and "every pairwise sketched cosine ≥ 0.910" in page and "<svg" in page
     assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
 
 
-def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back():
+def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(monkeypatch):
     """Every in-page link has one target: a sequence's source documents (a section per document, listing the shown
     sequences from it and linking back), its group, and a group member to its record where the lists show it."""
     import html
@@ -479,6 +479,7 @@ def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(
     import numpy as np
 
     from conftest import bpe_tokenizer
+    from ekfac_influence import audit_report
     from ekfac_influence.audit_report import group_record, render_page, sequence_record
 
     tokenizer = bpe_tokenizer()
@@ -530,6 +531,10 @@ def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(
     assert {(a, "seq-0"), (a, "seq-2"), (b, "seq-2"), (b, "seq-1"), (c, "group-0")} <= links  # back from the documents
     assert ("group-0", "seq-0") in links and not any(to == "seq-3" for _, to in links)  # seq 3: only in its group
     assert ("group-0", c) in links
+    assert "2 sequences, every pairwise sketched cosine ≥ 0.950" in page
+    monkeypatch.setattr(audit_report, "COSINE_SAMPLE", 1)  # a group larger than the pairs its lowest cosine is over
+    sampled = render_page(values_N, records[:-1] + [group_record(0, [0, 3], values_N, 0.95, corpus, tokenizer)], {})
+    assert "2 sequences, every pairwise sketched cosine among its first 1 sequences ≥ 0.950" in sampled
 
 
 @pytest.mark.parametrize("order", ROTATION_ORDERS)
