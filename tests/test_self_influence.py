@@ -50,7 +50,7 @@ def test_self_influence_is_the_diagonal_of_the_training_set_scored_against_itsel
         assert_close(values, reference.per_layer[name].diagonal(), rtol=1e-8, atol=1e-14, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", "exact", "identity"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_per_token_self_influence_is_the_diagonal_of_the_per_token_scores(llama_factors, strategy):
     model, train, factors = llama_factors
     objective = ei.CausalLMObjective()
@@ -307,6 +307,9 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     records = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
     highest = [r for r in records if r["kind"] == "highest"]
     assert [r["sequence"] for r in highest] == np.argsort(-values_N, kind="stable")[:3].tolist()
+    lowest = [r for r in records if r["kind"] == "lowest"]
+    assert [r["sequence"] for r in lowest] == np.argsort(values_N, kind="stable")[:3].tolist()
+    assert [r["rank"] for r in lowest] == [1, 2, 3] and all(r["per_token"] and r["provenance"] for r in lowest)
     assert highest[0]["provenance"][0]["doc"] and highest[0]["text"]
     assert sum(highest[0]["per_token"]) == pytest.approx(float(values_N[highest[0]["sequence"]]), rel=1e-4)
     page = (out / "self_influence.html").read_text()
@@ -466,6 +469,39 @@ def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_sc
     assert "<script" not in page and "<img" not in page and "&lt;script&gt;window.__pwned" in page
     assert "tokyo &lt;b&gt;:0" in page and "every pairwise sketched cosine ≥ 0.910" in page and "<svg" in page
     assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in page
+
+
+def test_the_audit_histogram_counts_every_positive_self_influence_and_tokens_are_shaded_by_their_sign():
+    import re
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from conftest import bpe_tokenizer
+    from ekfac_influence.audit_report import histogram, render_page, sequence_record
+
+    values_N = np.array([1e-3, 2e-3, 0.5, 0.7, 3.0, 40.0, 0.0, np.nan, np.inf, -1.0])
+    drawn = histogram(values_N, bins=5)
+    counts = [r["count"] for r in drawn["rects"]]
+    expected, edges = np.histogram(np.log10([1e-3, 2e-3, 0.5, 0.7, 3.0, 40.0]), bins=5)
+    assert counts == expected.tolist() and sum(counts) == 6  # zero, NaN, inf and negative values are not drawn
+    assert (drawn["low"], drawn["high"], drawn["peak"]) == (f"{edges[0]:.2f}", f"{edges[-1]:.2f}", max(counts))
+    heights = [float(r["height"]) for r in drawn["rects"]]
+    assert heights[counts.index(max(counts))] == max(heights) and heights[counts.index(0)] == 0
+    assert histogram(np.array([0.0, -2.0])) is None
+
+    tokenizer = bpe_tokenizer()
+    ids = tokenizer("one two three")["input_ids"]
+    corpus = SimpleNamespace(tokens_NT=np.array([ids]), lengths_N=np.array([len(ids)]), provenance=[[{"doc": "d", "row": 0}]])
+    per_token = [1.0, -0.5] + [0.0] * (len(ids) - 2)
+    page = render_page(np.array([0.5]), [sequence_record("highest", 1, 0, 0.5, corpus, tokenizer, per_token=per_token)], {})
+    styles = re.findall(r'<span class="tok"( style="[^"]*")? title="([^"]*)">', page)
+    assert len(styles) == len(ids)
+    # shaded within the sequence: its largest |s_t| at full alpha, red for > 0, teal for < 0, none for 0
+    assert [style for style, _ in styles[:3]] == [' style="background:rgba(239,68,68,0.85)"',
+                                                  ' style="background:rgba(20,184,166,0.425)"', ""]
+    assert page.count("<rect ") == len(histogram(np.array([0.5]))["rects"])  # every bar drawn, with its count
+    assert "<title>1 sequences with log10 s in" in page
 
 
 def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(monkeypatch):
