@@ -255,9 +255,10 @@ class QueryConfig:
     """Rank by the raw score (none), by RelatIF score / √s(n) (relatif), or by the cosine
     score / (‖P^{1/2}∇f_q‖ ‖P^{1/2}∇log p(z_n)‖) (cosine); s(n) = the sequence's self-influence.
     The raw score is kept beside the normalised one. The normalised ranking orders the pool the scan
-    hands to the rescoring: each query's max(rerank, top_k) highest and lowest raw scores, whose s(n)
-    one self-influence pass computes. A sequence outside that pool is not ranked: raise `rerank` to
-    widen it."""
+    hands to the rescoring, each query's max(rerank, top_k) best and worst candidates, whose s(n) one
+    self-influence pass computes. With a self-influence audit of the same factors and corpus in the run
+    (the CLI finds it), the scan keeps the best by score / √s(n), so no sequence that normalises high is
+    left out; without one it keeps the best raw scores, and `rerank` widens that pool."""
 
     def __post_init__(self) -> None:
         _require(self.normalize in NORMALIZATIONS, "normalize",

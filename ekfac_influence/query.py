@@ -61,13 +61,17 @@ class QueryResults:
 
 def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: PackedCorpus, queries: list,
                     config: QueryConfig = QueryConfig(), *, candidates: list[np.ndarray] | None = None,
-                    index=None, out=None, overwrite: bool = False, show_progress: bool = True) -> QueryResults:
+                    index=None, out=None, overwrite: bool = False, show_progress: bool = True,
+                    self_influence_N: np.ndarray | None = None) -> QueryResults:
     """Influence of every candidate training sequence on log p(completion | prompt), per query.
 
     candidates: per query, the sequence indices to consider; None = all, or with
     `config.candidates == "shortlist"` the top `config.shortlist_k` of `index` (a ShortlistIndex of
     this corpus) for the query's prompt + completion tokens.
     out: the query set's directory (docs/design.md §4 `queries/<set>/`), written atomically at the end.
+    self_influence_N: with `config.normalize`, s(n) of every sequence of `corpus` under these factors (a
+    self-influence audit's `values`): the scan then keeps each query's best candidates by the normalised score,
+    so that the rescored pool is the best normalised one; without it the pool is the best raw candidates.
     """
     layers = check_factors_match(factors, model)
     if factors.strategy == "lissa":
@@ -84,6 +88,13 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         raise DataError("no query given")
     if candidates is not None and len(candidates) != len(queries):
         raise ValueError(f"{len(candidates)} candidate sets for {len(queries)} queries")
+    if self_influence_N is not None:
+        self_influence_N = np.asarray(self_influence_N, dtype=np.float64)
+        if config.normalize == "none":
+            self_influence_N = None  # a raw ranking keeps the raw pool
+        elif self_influence_N.shape != (len(corpus),) or not np.isfinite(self_influence_N).all():
+            raise ValueError(f"self_influence_N must hold a finite s(n) for each of the corpus's {len(corpus)} "
+                             f"sequences, got shape {self_influence_N.shape}")
     if config.candidates == "shortlist" and candidates is None:
         check_index_matches(index, corpus)
     out = None if out is None else Path(out)
@@ -100,7 +111,9 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         key = {"fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,
                "config": {k: v for k, v in to_dict(config).items() if not k.startswith(("checkpoint", "num_workers"))},
                "queries": _digest([item.rows() for item in encoded]),
-               "candidates": None if candidates is None else _digest([np.asarray(c).tolist() for c in candidates])}
+               "candidates": None if candidates is None else _digest([np.asarray(c).tolist() for c in candidates]),
+               **({} if self_influence_N is None else
+                  {"pool_by": hashlib.sha256(self_influence_N.tobytes()).hexdigest()[:16]})}
         if out is not None and distributed.is_main():  # the scores file, before anything is written
             kept = out.parent / f".{out.name}.partial" / SCORES_FILE  # a resumed scan's file is there already
             ensure_space(out.parent, 4 * len(encoded) * len(corpus) - (kept.stat().st_size if kept.exists() else 0),
@@ -121,7 +134,7 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         # the partial directory survives an interruption: a rerun resumes the scan from its last save
         scores_QN = _scores_file(tmp, len(encoded), len(corpus))
         best = scan(model, layers, P, corpus, candidates, scores_QN, config, show_progress=show_progress,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, self_influence_N=self_influence_N)
         clock.lap("scan")
         full = P if config.rank is None or config.rerank == 0 else None
         details = rescore(model, layers, factors, tokenizer, encoded, corpus, best, config, full, dense=dense,
@@ -130,7 +143,8 @@ def query_influence(model: nn.Module, tokenizer, factors: Factors, corpus: Packe
         resolved = [_resolved(item, gen, float(lp)) for item, gen, lp in zip(encoded, generated, logp_Q)]
         train_size = config.train_size or len(corpus)  # the training set being explained (README: delta_logp)
         records = [_record(q, resolved[q], details[q], corpus, tokenizer, train_size, config,
-                           len(corpus) if candidates is None else len(candidates[q])) for q in range(len(encoded))]
+                           len(corpus) if candidates is None else len(candidates[q]),
+                           pooled=self_influence_N is not None) for q in range(len(encoded))]
         results = QueryResults(resolved, records, scores_QN, train_size, [l.name for l in layers], clock.laps)
         distributed.barrier()
         if out is not None and distributed.is_main():
@@ -263,7 +277,8 @@ def _resolved(item: EncodedQuery, generated: bool, logp: float) -> dict:
 
 
 def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorpus, tokenizer, num_train: int,
-            config: QueryConfig, num_candidates: int) -> dict:
+            config: QueryConfig, num_candidates: int, *, pooled: bool = False) -> dict:
+    """pooled: the rescored pool was the scan's best normalised candidates (s(n) given), not its best raw ones."""
     key = "score" if config.normalize == "none" else "normalized_score"  # the raw score is kept either way
     ranked = sorted(details.items(), key=lambda item: -item[1][key])
     positive = [item for item in ranked if item[1][key] > 0][: config.top_k]
@@ -279,7 +294,9 @@ def _record(q: int, resolved: dict, details: dict[int, dict], corpus: PackedCorp
                 "provenance": corpus.provenance[n],
                 **({} if key == "score" else {"normalized_score": detail[key], "self_influence": detail["self_influence"]})}
 
-    ranking = {} if key == "score" else {"ranking": f"{config.normalize} (normalized_score ranks, score is raw)"}
+    pool = "normalised" if pooled else "raw"
+    ranking = {} if key == "score" else {
+        "ranking": f"{config.normalize} (normalized_score ranks, score is raw; rescored: the scan's best {pool} scores)"}
     return {"query": q, **resolved, "num_candidates": num_candidates, **ranking,
             "top_positive": [hit(r + 1, n, d) for r, (n, d) in enumerate(positive)],
             "top_negative": [hit(r + 1, n, d) for r, (n, d) in enumerate(negative)]}

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 from importlib import resources
 
 import jinja2
@@ -138,6 +139,15 @@ def ranking_of(record: dict) -> str | None:
     return None if kind in (None, "none") else kind
 
 
+def ranked_by(record: dict, kind: str | None) -> str:
+    """What orders the query's sequences, and among which candidates the normalised score was computed."""
+    if kind is None:
+        return "ranked by the raw score"
+    pool = re.search(r"rescored: ([^)]*)\)", str(record.get("ranking")))
+    among = f", among {pool.group(1)}" if pool else ""
+    return f"ranked by {RANKINGS.get(kind, kind)}{among}; the raw score is shown beside it"
+
+
 def query_view(i: int, record: dict, layer_order: list[str], num_train) -> dict:
     hits = [hit for _, key in SIDES for hit in record.get(key, [])]
     kind = ranking_of(record)
@@ -152,8 +162,7 @@ def query_view(i: int, record: dict, layer_order: list[str], num_train) -> dict:
             "logp": f"{logp:.4g}" if _is_number(logp) else None, "prompt_tokens": record.get("prompt_tokens"),
             "completion_tokens": record.get("completion_tokens", "?"), "num_candidates": candidates,
             "num_train": num_train, "details": _details(record, QUERY_KEYS | {"ranking"}),
-            "ranking": kind, "ranked_by": ("ranked by the raw score" if kind is None else
-                                           f"ranked by {RANKINGS.get(kind, kind)}; the raw score is shown beside it"),
+            "ranking": kind, "ranked_by": ranked_by(record, kind),
             "token_scale": colour_scale(token_peak), "layer_scale": sci(layer_peak, sign=False) if layer_peak else None,
             "sides": [{"side": side, "title": SIDE_TITLES[side],
                        "hits": [hit_view(side, hit, layer_order, token_peak, layer_peak, candidates, num_train,

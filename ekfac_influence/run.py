@@ -27,7 +27,7 @@ import torch
 
 from . import distributed
 from .audit import self_influence as compute_self_influence
-from .audit_report import COSINE_SAMPLE, group_record, sequence_record, write_audit
+from .audit_report import COSINE_SAMPLE, VALUES_FILE, group_record, sequence_record, write_audit
 from .config import ConfigError, to_dict
 from .data import (DataError, PackedCorpus, UndecodableText, corpus_source, dataset_documents, load_corpus,
                    locate_corpus_problem, pack_to_disk, training_batches)
@@ -395,8 +395,9 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     note_factors_corpus(factors, corpus, config)
     distributed.print0(f"answering {len(queries)} queries over {len(corpus)} training sequences "
                        f"({config.query.candidates}{', k=' + str(config.query.shortlist_k) if index_ else ''})")
+    audited = _audit_values(run, factors, corpus) if config.query.normalize != "none" else None
     results = query_influence(model, tokenizer, factors, corpus, queries, config.query, index=index_, out=out,
-                              overwrite=overwrite, show_progress=show_progress)
+                              overwrite=overwrite, show_progress=show_progress, self_influence_N=audited)
     record_stage(config, "query", {}, corpus=corpus)
     if distributed.is_main():
         print_summary(results.records)
@@ -406,6 +407,23 @@ def query(config: RunConfig, queries: list | None = None, *, overwrite: bool = F
     elif distributed.is_main():
         print(f"report: ekfac-influence export --config {run / 'config.query.yaml'}")
     return results
+
+
+def _audit_values(run: Path, factors: Factors, corpus: PackedCorpus) -> np.ndarray | None:
+    """s(n) of every sequence from the run's self-influence audit, when it was made of these factors and this corpus
+    (the normalised ranking then rescores the scan's best normalised candidates); None, with a note, otherwise."""
+    audit = run / SELF_INFLUENCE
+    manifest = read_stage_manifest(audit) if (audit / "manifest.json").exists() else {}
+    same = (manifest.get("fingerprint") == factors.fingerprint and manifest.get("corpus_id") == corpus.corpus_id
+            and manifest.get("num_sequences") == len(corpus))  # with a tolerance too: s(n) only chooses the pool
+    if not same:
+        why = "none" if not manifest else "it is of other factors or another corpus"
+        distributed.print0(f"note: normalised rankings rescore the scan's best raw candidates; a self-influence audit "
+                           f"of this run ({audit}: {why}) would let them rescore the best normalised ones "
+                           f"(ekfac-influence self-influence)")
+        return None
+    distributed.print0(f"normalised rankings: the scan keeps the best normalised candidates, by s(n) from {audit}")
+    return np.fromfile(audit / VALUES_FILE, dtype=np.float32).astype(np.float64)
 
 
 def _query_shard(path: Path, config: RunConfig) -> tuple[int, int] | None:

@@ -141,11 +141,14 @@ class RunningTopK:
 
 def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candidates: list[np.ndarray] | None,
          scores_QN: np.ndarray, config: QueryConfig, *, show_progress: bool = True,
-         checkpoint: PassCheckpoint | None = None) -> RunningTopK:
+         checkpoint: PassCheckpoint | None = None, self_influence_N: np.ndarray | None = None) -> RunningTopK:
     """Score every query against every candidate in one pass; fills `scores_QN`; returns the running top-k.
 
     The candidates are cut into batches; process r takes batches r, r + world, ... and writes its
     columns of the shared memory map; the running top-k lists are merged across processes at the end.
+    self_influence_N: s(n) of every corpus sequence; the top-k lists then keep score / √s(n) (the order of both
+    normalisations within a query), so the rescoring's pool holds the best normalised candidates. `scores_QN`
+    keeps the raw scores either way.
     """
     union = np.arange(len(corpus)) if candidates is None else np.unique(np.concatenate([np.asarray(c, dtype=np.int64) for c in candidates]))
     sets = None if candidates is None else [np.unique(np.asarray(c, dtype=np.int64)) for c in candidates]
@@ -161,6 +164,9 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
     most = -(-(-(-len(union) // config.batch_size)) // distributed.world())  # batches of the busiest process
     ids_of: dict[int, np.ndarray] = {}
 
+    root_N = None if self_influence_N is None else torch.from_numpy(
+        np.sqrt(np.maximum(np.asarray(self_influence_N, dtype=np.float64), 1e-300)))
+
     def record(finished: list) -> None:
         for done in finished:
             ids_C = ids_of.pop(done.index)
@@ -168,7 +174,8 @@ def scan(model, layers: list[TrackedLayer], P: dict, corpus: PackedCorpus, candi
             scores_QN[:, ids_C] = total_QC.numpy()
             member_QC = torch.ones_like(total_QC, dtype=torch.bool) if sets is None else \
                 torch.from_numpy(np.stack([np.isin(ids_C, s) for s in sets]))
-            best.update(total_QC, torch.from_numpy(ids_C), member_QC)
+            kept_QC = total_QC if root_N is None else (total_QC.double() / root_N[torch.from_numpy(ids_C)]).float()
+            best.update(kept_QC, torch.from_numpy(ids_C), member_QC)
 
     for item in capture_pass(model, layers, loader, CausalLMObjective(), loss="real", desc="scan",
                              show_progress=show_progress, shard=False, start=start,

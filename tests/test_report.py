@@ -194,7 +194,8 @@ def test_a_normalised_ranking_is_named_and_heads_each_sequence_beside_its_raw_sc
     """query.normalize: the page says which score ranks the sequences, shows it before the raw score, and drops the
     standing among the candidates (its rank is within the rescored pool); the rows keep both scores."""
     plain, normalised = records()
-    normalised = {**normalised, "ranking": "relatif (normalized_score ranks, score is raw)",
+    normalised = {**normalised, "ranking": "relatif (normalized_score ranks, score is raw; rescored: the scan's best "
+                                           "normalised scores)",
                   "top_positive": [{**normalised["top_positive"][0], "normalized_score": 0.75, "self_influence": 144.0}],
                   "top_negative": [{**normalised["top_negative"][0], "normalized_score": -0.25, "self_influence": 4.0}]}
     (query_dir / "topk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (plain, normalised)), encoding="utf-8")
@@ -202,7 +203,8 @@ def test_a_normalised_ranking_is_named_and_heads_each_sequence_beside_its_raw_sc
     page = paths["html"].read_text(encoding="utf-8")
     first, second = page.split('<section class="query"')[1:]
     assert '<span class="ranking">ranked by the raw score</span>' in first and "standing" in first
-    assert '<span class="ranking">ranked by RelatIF, score / √s(n); the raw score is shown beside it</span>' in second
+    assert ('<span class="ranking">ranked by RelatIF, score / √s(n), among the scan&#39;s best normalised scores; the '
+            'raw score is shown beside it</span>') in second
     heads = re.findall(r'<span class="score normalized"[^>]*>relatif <b>([^<]+)</b></span>\s*'
                        r'<span class="score"[^>]*>score <b>([^<]+)</b></span>', second)
     assert heads == [("+7.500e-01", "+9.000e+00"), ("-2.500e-01", "-5.000e-01")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -338,6 +340,19 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     assert manifest["tolerance"] == 0.5 and 0 <= manifest["max_relative_error"] <= 1
     assert "tolerance ε <b>0.5: each s(n) is high by at most" in (out / "self_influence.html").read_text()
 
+    # query.normalize takes s(n) from the run's audit for its pool; without an audit it says what it does instead
+    capsys.readouterr()
+    normalised = ["--query.candidates", "all", "--query.normalize", "relatif", "--query.rerank", "0", "--quiet"]
+    out.rename(out.with_name("audit.aside"))
+    assert main(["query", "--config", "run.yaml", "--queries.name", "raw", *normalised]) == 0
+    assert "rescore the scan's best raw candidates; a self-influence audit" in capsys.readouterr().out
+    out.with_name("audit.aside").rename(out)
+    assert main(["query", "--config", "run.yaml", "--queries.name", "pooled", *normalised]) == 0
+    assert "the scan keeps the best normalised candidates, by s(n) from" in capsys.readouterr().out
+    for name, pool in (("raw", "best raw scores"), ("pooled", "best normalised scores")):
+        answers = [json.loads(line) for line in (tmp_path / "runs/tiny/queries" / name / "topk.jsonl").read_text().splitlines()]
+        assert all(pool in record["ranking"] for record in answers) and answers[0]["top_positive"]
+
     torch.manual_seed(1)  # another model where the factors' model was
     other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
@@ -388,6 +403,23 @@ def test_normalised_query_rankings_divide_each_raw_score_by_the_self_influence_f
     assert best != torch.argsort(-raw_N)[:4].tolist()  # the normalisation changed the ranking
     if kind == "cosine":
         assert all(abs(h["normalized_score"]) <= 1 + 1e-9 for h in hits)
+    assert "best raw scores" in record["ranking"]
+
+    # with every s(n) given (an audit's values), the scan keeps the best normalised candidates: a pool of 4 then
+    # holds the corpus's best normalised sequences, which the best 4 raw scores do not
+    narrow = dataclasses.replace(config, rerank=0)
+    audited = ei.query_influence(model, tokenizer, factors, corpus, [query], narrow, show_progress=False,
+                                 self_influence_N=self_N.numpy()).records[0]
+    unaudited = ei.query_influence(model, tokenizer, factors, corpus, [query], narrow, show_progress=False).records[0]
+    everywhere = [n for n in torch.argsort(-expected_N).tolist() if expected_N[n] > 0][:4]
+    assert [h["sequence"] for h in audited["top_positive"]] == everywhere
+    assert [h["sequence"] for h in unaudited["top_positive"]] != everywhere
+    assert "best normalised scores" in audited["ranking"]
+    for hit in audited["top_positive"] + audited["top_negative"]:
+        assert hit["normalized_score"] == pytest.approx(float(expected_N[hit["sequence"]]), rel=1e-6)
+    with pytest.raises(ValueError, match="finite s\\(n\\) for each of the corpus"):
+        ei.query_influence(model, tokenizer, factors, corpus, [query], narrow, show_progress=False,
+                           self_influence_N=self_N.numpy()[:-1])
 
 
 @pytest.mark.slow
