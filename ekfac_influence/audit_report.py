@@ -43,13 +43,18 @@ COSINE_SAMPLE = 1000
 """A group's lowest sketched cosine is taken over the pairs of its first this many sequences (all, in a smaller one)."""
 
 
-def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosine: float, corpus, tokenizer) -> dict:
+def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosine: float, joint: float, corpus,
+                 tokenizer) -> dict:
     """A near-duplicate group: its sequences (highest self-influence first) with text and provenance; `min_cosine`
-    is the lowest sketched cosine between its first `min_cosine_over` sequences (in the search's order)."""
+    is the lowest sketched cosine between its first `min_cosine_over` sequences (in the search's order); `joint` is
+    s(G), the self-influence of the group as one (`similarity.joint_self_influence`), and `joint_over_sum` is s(G)
+    over the sum of its members' s(n): about 1 for unrelated sequences, up to the group's size for copies."""
     over = min(len(members), COSINE_SAMPLE)
     members = sorted(members, key=lambda n: -values_N[n])
+    total = float(sum(values_N[n] for n in members))
     return {"kind": "duplicate_group", "group": index, "size": len(members), "min_cosine": min_cosine,
-            "min_cosine_over": over,
+            "min_cosine_over": over, "joint_self_influence": joint,
+            "joint_over_sum": joint / total if total > 0 else None,
             "sequences": [{"sequence": n, "self_influence": float(values_N[n]), "provenance": corpus.provenance[n],
                            "text": tokenizer.decode([int(t) for t in corpus.tokens_NT[n, : int(corpus.lengths_N[n])]])}
                           for n in members]}
@@ -176,8 +181,13 @@ def _group_view(group: dict, links: _Links) -> dict:
     over = group.get("min_cosine_over", group["size"])
     cosines = ("every pairwise sketched cosine" if over >= group["size"] else
                f"every pairwise sketched cosine among its first {over:,} sequences")
+    joint = None
+    if group.get("joint_self_influence") is not None:
+        ratio = group.get("joint_over_sum")
+        joint = {"value": sci(group["joint_self_influence"], sign=False),
+                 "ratio": "n/a" if ratio is None else f"{ratio:.3g}"}
     return {"group": group["group"], "size": group["size"], "min_cosine": f"{group['min_cosine']:.3f}", "cosines": cosines,
-            "members": members}
+            "joint": joint, "members": members}
 
 
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:1.5em auto;max-width:60em;color:#1f2937}

@@ -47,7 +47,7 @@ from .report_data import read_manifest, read_records
 from .results import query_set_directory
 from .run_config import RunConfig, save_run_config
 from .shortlist import ShortlistError, ShortlistIndex
-from .similarity import near_duplicate_groups, sketched_cosines
+from .similarity import joint_self_influence, near_duplicate_groups, sketched_cosines
 from .storage import PassCheckpoint, StorageError, atomic_write_text, stage_lock
 from .storage import read_manifest as read_stage_manifest
 from .variants import variants_from_config
@@ -477,7 +477,12 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     seconds = {"pass": time.time() - started}
     values_N = result.values.double().numpy()
     order = np.argsort(-values_N, kind="stable")
-    groups = [] if result.sketch is None else near_duplicate_groups(result.sketch, section.duplicate_threshold)
+    groups, joint = [], []
+    if result.sketch is not None:  # the strongest joint pull first: s(G) of the group taken as one
+        found = near_duplicate_groups(result.sketch, section.duplicate_threshold)
+        found_joint = [joint_self_influence(result.sketch, values_N, members) for members in found]
+        order_G = sorted(range(len(found)), key=lambda g: -found_joint[g])
+        groups, joint = [found[g] for g in order_G], [found_joint[g] for g in order_G]
     shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
     if every_one_shown:
         detail, row_of = result, {n: n for n in shown}
@@ -500,7 +505,7 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
 
         records = [record("highest", r + 1, int(n)) for r, n in enumerate(order[:top])]
         records += [record("lowest", r + 1, int(n)) for r, n in enumerate(order[::-1][:top])]
-        records += [group_record(g, members, values_N, lowest_cosine(members), corpus, tokenizer)
+        records += [group_record(g, members, values_N, lowest_cosine(members), joint[g], corpus, tokenizer)
                     for g, members in enumerate(groups)]
         manifest = {"kind": "ekfac_influence.self_influence", "version": __version__, "num_sequences": len(corpus),
                     "fingerprint": factors.fingerprint, "strategy": factors.strategy, "corpus_id": corpus.corpus_id,

@@ -143,6 +143,41 @@ def test_the_whole_corpus_search_groups_copies_whatever_their_self_influence(lla
     assert off.sketch is None
 
 
+@pytest.mark.parametrize("strategy", ["ekfac", "exact"])
+def test_a_groups_joint_self_influence_is_its_summed_gradient_scored_against_itself(llama_factors, strategy):
+    """s(G) = ‖Σ_{n∈G} W_n‖² = Σ_{n,m∈G} score(n, m), from `compute_scores` of the sequences against themselves.
+
+    Copies: the sketched cosines are 1, so the value is exact (|G|² s(n) for identical sequences); other sequences:
+    within the sketched cosines' error, Σ_{n≠m} δcos √(s(n) s(m)), which a sketch of 32 × 32 keeps under 5% here.
+    """
+    model, train, factors = llama_factors
+    ids = torch.cat([train[0]["input_ids"], train[1]["input_ids"]])
+    rows = [0, 1, 0, 2, 3, 1, 0, 4]  # copies of sequence 0 at 0, 2, 6 and of sequence 1 at 1, 5
+    batches = [{"input_ids": ids[rows[:4]], "attention_mask": torch.ones(4, ids.shape[1], dtype=torch.long),
+                "labels": ids[rows[:4]]},
+               {"input_ids": ids[rows[4:]], "attention_mask": torch.ones(4, ids.shape[1], dtype=torch.long),
+                "labels": ids[rows[4:]]}]
+    objective = ei.CausalLMObjective()
+    S_NN = ei.compute_scores(model, factors[strategy], batches, batches, objective,
+                             ei.ScoreConfig(compute_dtype="float64"), show_progress=False).scores.double()
+    result = ei.self_influence(model, factors[strategy], batches, objective, F64, show_progress=False)
+    for members in ([0, 2, 6], [1, 5], [0, 2, 6, 1, 5]):  # copies, copies, two sets of copies (cos < 1 across)
+        exact = float(S_NN[members][:, members].sum())
+        estimate = similarity.joint_self_influence(result.sketch, result.values, members)
+        if len(set(rows[n] for n in members)) == 1:
+            assert estimate == pytest.approx(exact, rel=1e-8) and estimate == pytest.approx(
+                len(members) ** 2 * float(result.values[members[0]]), rel=1e-8)
+        else:
+            assert estimate == pytest.approx(exact, rel=0.05)
+            assert abs(estimate - exact) > 1e-10 * exact  # read from the sketch: not exact across different sequences
+    assert similarity.joint_self_influence(result.sketch, result.values, [3]) == pytest.approx(float(result.values[3]))
+    distinct = [3, 4, 7]
+    exact = float(S_NN[distinct][:, distinct].sum())
+    estimate = similarity.joint_self_influence(result.sketch, result.values, distinct)
+    bound = sum(float(S_NN[n, n] * S_NN[m, m]) ** 0.5 for n in distinct for m in distinct if n != m)
+    assert abs(estimate - exact) < 0.15 * bound, (estimate, exact, bound)
+
+
 def test_duplicate_groups_join_chains_of_pairs_above_the_threshold_and_drop_singletons():
     cos = torch.eye(6, dtype=torch.float64)
     for i, j, value in [(0, 3, 0.95), (3, 5, 0.91), (1, 2, 0.89), (2, 4, 0.99)]:
@@ -314,8 +349,22 @@ def test_the_self_influence_verb_audits_a_tiny_run_and_refuses_factors_of_anothe
     assert [r["rank"] for r in lowest] == [1, 2, 3] and all(r["per_token"] and r["provenance"] for r in lowest)
     assert highest[0]["provenance"][0]["doc"] and highest[0]["text"]
     assert sum(highest[0]["per_token"]) == pytest.approx(float(values_N[highest[0]["sequence"]]), rel=1e-4)
+    groups = [r for r in records if r["kind"] == "duplicate_group"]
+    assert groups  # at cosine ≥ 0.5 this tiny corpus has some
+    for group in groups:  # s(G) = Σ cos √(s s'): between Σ s + min cos · Σ_{n≠m} √(s s') and Σ s + Σ_{n≠m} √(s s')
+        s_M = np.array([member["self_influence"] for member in group["sequences"]])
+        cross = float(np.sqrt(np.outer(s_M, s_M)).sum() - s_M.sum())
+        low, high = s_M.sum() + group["min_cosine"] * cross, s_M.sum() + cross
+        assert low * (1 - 1e-6) <= group["joint_self_influence"] <= high * (1 + 1e-6), (low, group, high)
+        assert group["joint_over_sum"] == pytest.approx(group["joint_self_influence"] / s_M.sum(), rel=1e-6)
+    assert [g["group"] for g in groups] == list(range(len(groups)))
+    joint_G = [g["joint_self_influence"] for g in groups]
+    assert joint_G == sorted(joint_G, reverse=True)  # the strongest joint pull first
+    for r in records[: len(records) - len(groups)]:  # a sequence's group badge names the group that holds it
+        assert r["group"] is None or r["sequence"] in {m["sequence"] for m in groups[r["group"]]["sequences"]}
     page = (out / "self_influence.html").read_text()
     assert "<svg" in page and "<script" not in page and "default-src 'none'" in page
+    assert page.count("Taken as one, the group's self-influence s(G)") == len(groups)
     assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["stages"]["self_influence"]
     assert not (tmp_path / "runs" / "tiny" / ".self_influence.partial").exists()
     # top ≥ N / 2: every sequence is shown, so the per-token values come from the one pass, equal to the second's
@@ -448,7 +497,8 @@ def test_planted_oddities_rank_in_the_top_5_percent_and_the_copies_form_one_grou
     The quick demo's LM trained for 8 epochs (as the demo trains its own), EK-FAC, s(n) over all 767
     sequences (scripts/planted_oddities.py, docs/self_influence.md). The copies are memorised, so
     their s(n) is LOW: they are found by the whole-corpus sketch search, with the first sequence of
-    the document they were copied from.
+    the document they were copied from; taken as one, s(G) = ‖Σ W_n‖², they pull over 10 times harder than
+    as many ordinary sequences drawn at random.
     """
     import dataclasses
     import importlib.util
@@ -462,6 +512,10 @@ def test_planted_oddities_rank_in_the_top_5_percent_and_the_copies_form_one_grou
         assert max(found["percentile"][kind]) <= 5, (kind, found["percentile"][kind])
     assert found["groups_with_copies"] == [20]  # every copy, in one group
     assert found["group_of_copies_size"] == [21] and found["source_in_group"]
+    # taken as one, the copies add up like copies (s(G) ≈ 21 × Σ s(n)), as many ordinary sequences like unrelated ones
+    (copies,), control = found["group_of_copies_joint_over_median"], found["control_joint_over_median"]
+    assert copies > 10 * control, (copies, control)
+    assert found["group_of_copies_joint_over_sum"][0] > 15 and 0.5 < found["control_joint_over_sum"] < 2, found
 
 
 def test_identical_sequences_have_whitened_cosine_one_and_form_one_group(llama_factors):
@@ -493,7 +547,7 @@ def test_the_audit_page_shows_each_sequence_byte_for_byte_escaped_and_runs_no_sc
     values_N = np.array([2.0, 0.5])
     records = [sequence_record("highest", 1, 0, 2.0, corpus, tokenizer, per_token=[0.1] * len(ids[0])),
                sequence_record("lowest", 1, 1, 0.5, corpus, tokenizer, per_token=[-0.01] * len(ids[1])),
-               group_record(0, [0, 1], values_N, 0.91, corpus, tokenizer)]
+               group_record(0, [0, 1], values_N, 0.91, 9.0, corpus, tokenizer)]
     assert [r["text"] for r in records[:2]] == texts and "".join(records[0]["tokens"]) == texts[0]
     page = render_page(values_N, records, {"strategy": "ekfac", "duplicate_threshold": 0.9})
     shown = [html.unescape(re.sub(r"<[^>]+>", "", box)) for box in re.findall(r'<div class="tokens">(.*?)</div>', page)]
@@ -564,7 +618,7 @@ def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(
                sequence_record("highest", 2, 2, 2.0, corpus, tokenizer),
                sequence_record("lowest", 1, 1, 0.1, corpus, tokenizer),
                sequence_record("lowest", 2, 2, 2.0, corpus, tokenizer),  # shown twice: one anchor
-               group_record(0, [0, 3], values_N, 0.95, corpus, tokenizer)]
+               group_record(0, [0, 3], values_N, 0.95, 2.5, corpus, tokenizer)]
     page = render_page(values_N, records, {"strategy": "ekfac", "duplicate_threshold": 0.9})
 
     class Links(HTMLParser):
@@ -600,8 +654,10 @@ def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(
     assert ("group-0", "seq-0") in links and not any(to == "seq-3" for _, to in links)  # seq 3: only in its group
     assert ("group-0", c) in links
     assert "2 sequences, every pairwise sketched cosine ≥ 0.950" in page
+    assert records[-1]["joint_self_influence"] == 2.5 and records[-1]["joint_over_sum"] == 2.5 / 7  # s(n) 4 and 3
+    assert "s(G) = ‖Σ P<sup>1/2</sup>∇log p‖² is 2.500e+00 (exact s(n), sketched cosines): 0.357 × the sum" in page
     monkeypatch.setattr(audit_report, "COSINE_SAMPLE", 1)  # a group larger than the pairs its lowest cosine is over
-    sampled = render_page(values_N, records[:-1] + [group_record(0, [0, 3], values_N, 0.95, corpus, tokenizer)], {})
+    sampled = render_page(values_N, records[:-1] + [group_record(0, [0, 3], values_N, 0.95, 2.5, corpus, tokenizer)], {})
     assert "2 sequences, every pairwise sketched cosine among its first 1 sequences ≥ 0.950" in sampled
 
 
