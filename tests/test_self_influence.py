@@ -655,7 +655,8 @@ def test_the_audit_page_links_each_sequence_to_its_documents_and_group_and_back(
     assert ("group-0", c) in links
     assert "2 sequences, every pairwise sketched cosine ≥ 0.950" in page
     assert records[-1]["joint_self_influence"] == 2.5 and records[-1]["joint_over_sum"] == 2.5 / 7  # s(n) 4 and 3
-    assert "s(G) = ‖Σ P<sup>1/2</sup>∇log p‖² is 2.500e+00 (exact s(n), sketched cosines): 0.357 × the sum" in page
+    assert ("s(G) = ‖Σ<sub>n∈G</sub> P<sup>1/2</sup>∇log p(z<sub>n</sub>)‖² is 2.500e+00 (exact s(n), sketched cosines): "
+            "0.357 × the sum of its members' s(n) (about 1 × for unrelated sequences, 2 × for 2 identical ones)") in page
     monkeypatch.setattr(audit_report, "COSINE_SAMPLE", 1)  # a group larger than the pairs its lowest cosine is over
     sampled = render_page(values_N, records[:-1] + [group_record(0, [0, 3], values_N, 0.95, 2.5, corpus, tokenizer)], {})
     assert "2 sequences, every pairwise sketched cosine among its first 1 sequences ≥ 0.950" in sampled
