@@ -99,7 +99,7 @@ def sketched_cosines(sketch_NK: Tensor, members: list[int]) -> Tensor:
     return cosine_matrix(sketch_NK[members])
 
 
-def joint_self_influence(sketch_NK: Tensor, values_N: Tensor, members: list[int]) -> float:
+def joint_self_influence(sketch_NK: Tensor, values_N: Tensor, members: list[int], *, chunk: int = 4096) -> float:
     """s(G) = ‖Σ_{n∈G} W_n‖² = ∇L_Gᵀ (G + λI)⁻¹ ∇L_G, L_G the group's summed loss: the self-influence of the
     group taken as one, the first-order rise of its log-likelihood from training on all of it (Koh et al., 2019,
     on group effects). A memorised passage has a small s(n) each time it occurs, but k copies pull together:
@@ -108,14 +108,17 @@ def joint_self_influence(sketch_NK: Tensor, values_N: Tensor, members: list[int]
     Read from the pass's sketches: s(G) = Σ_{n,m∈G} cos(n, m) √(s(n) s(m)) with the exact s(n) (`values_N`) and
     the sketched cosines, so it is off by Σ_{n≠m} δcos(n, m) √(s(n) s(m)), δcos a sketched cosine's error (the
     `audit` module docstring: about (1 − cos²)/k, small for near-duplicates); a sequence whose sketch is zero adds
-    nothing. In float64, [|G| × k²] at a time.
+    nothing. In float64, `chunk` members at a time (a group can hold a large part of the corpus).
     """
-    index = torch.as_tensor(members, dtype=torch.long)
-    sketch_GK = sketch_NK[index].double()
-    norms_G = sketch_GK.norm(dim=1, keepdim=True)
-    unit_GK = torch.where(norms_G > 0, sketch_GK / norms_G.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
-    root_G = torch.as_tensor(values_N, dtype=torch.float64)[index].clamp_min(0).sqrt()
-    return float(((root_G[:, None] * unit_GK).sum(0) ** 2).sum())
+    values_N = torch.as_tensor(values_N, dtype=torch.float64)
+    total_K = torch.zeros(sketch_NK.shape[1], dtype=torch.float64)
+    for start in range(0, len(members), chunk):
+        index = torch.as_tensor(members[start : start + chunk], dtype=torch.long)
+        sketch_CK = sketch_NK[index].double()
+        norms_C = sketch_CK.norm(dim=1, keepdim=True)
+        unit_CK = torch.where(norms_C > 0, sketch_CK / norms_C.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        total_K += (values_N[index].clamp_min(0).sqrt()[:, None] * unit_CK).sum(0)
+    return float((total_K**2).sum())
 
 
 def groups_of_pairs(num: int, pairs: Iterable) -> list[list[int]]:

@@ -171,6 +171,9 @@ def test_a_groups_joint_self_influence_is_its_summed_gradient_scored_against_its
             assert estimate == pytest.approx(exact, rel=0.05)
             assert abs(estimate - exact) > 1e-10 * exact  # read from the sketch: not exact across different sequences
     assert similarity.joint_self_influence(result.sketch, result.values, [3]) == pytest.approx(float(result.values[3]))
+    every = list(range(8))
+    assert similarity.joint_self_influence(result.sketch, result.values, every, chunk=3) == pytest.approx(
+        similarity.joint_self_influence(result.sketch, result.values, every), rel=1e-12)  # a group in chunks
     distinct = [3, 4, 7]
     exact = float(S_NN[distinct][:, distinct].sum())
     estimate = similarity.joint_self_influence(result.sketch, result.values, distinct)
