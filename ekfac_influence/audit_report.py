@@ -51,7 +51,7 @@ def group_record(index: int, members: list[int], values_N: np.ndarray, min_cosin
     over the sum of its members' s(n): about 1 for unrelated sequences, up to the group's size for copies."""
     over = min(len(members), COSINE_SAMPLE)
     members = sorted(members, key=lambda n: -values_N[n])
-    total = float(sum(values_N[n] for n in members))
+    total = float(values_N[members].sum())
     return {"kind": "duplicate_group", "group": index, "size": len(members), "min_cosine": min_cosine,
             "min_cosine_over": over, "joint_self_influence": joint,
             "joint_over_sum": joint / total if total > 0 else None,

@@ -479,10 +479,10 @@ def self_influence(config: RunConfig, *, overwrite: bool = False, show_progress:
     order = np.argsort(-values_N, kind="stable")
     groups, joint = [], []
     if result.sketch is not None:  # the strongest joint pull first: s(G) of the group taken as one
-        found = near_duplicate_groups(result.sketch, section.duplicate_threshold)
-        found_joint = [joint_self_influence(result.sketch, values_N, members) for members in found]
-        order_G = sorted(range(len(found)), key=lambda g: -found_joint[g])
-        groups, joint = [found[g] for g in order_G], [found_joint[g] for g in order_G]
+        scored = sorted(((joint_self_influence(result.sketch, values_N, members), members)
+                         for members in near_duplicate_groups(result.sketch, section.duplicate_threshold)),
+                        key=lambda pair: -pair[0])
+        joint, groups = [value for value, _ in scored], [members for _, members in scored]
     shown = list(dict.fromkeys([*order[:top].tolist(), *order[::-1][:top].tolist()]))
     if every_one_shown:
         detail, row_of = result, {n: n for n in shown}

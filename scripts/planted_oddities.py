@@ -79,7 +79,8 @@ def audit_planted(sizes: DemoConfig, *, length: int = 64, threshold: float = 0.9
     groups = similarity.near_duplicate_groups(result.sketch, threshold)
     source = documents[len(documents) // 2][0]  # the document the copies were cut from
     copies = set(kinds["copy"])
-    joint = [similarity.joint_self_influence(result.sketch, values_N, g) for g in groups if copies & set(g)]
+    with_copies = [g for g in groups if copies & set(g)]
+    joint = [similarity.joint_self_influence(result.sketch, values_N, g) for g in with_copies]
     # a control: as many ordinary sequences, drawn at random; unrelated gradients add up like Σ s(n), not |G|² s(n)
     ordinary = [n for n, pieces in enumerate(corpus.provenance) if not str(pieces[0]["doc"]).startswith("odd:")]
     drawn = random.Random(0).sample(ordinary, len(copies) + 1)
@@ -88,17 +89,16 @@ def audit_planted(sizes: DemoConfig, *, length: int = 64, threshold: float = 0.9
             "percentile": {k: [round(100 * (int(rank_N[n]) + 1) / len(values_N), 1) for n in ns] for k, ns in kinds.items()},
             "median_s": float(np.median(values_N)),
             "mean_s": {k: float(values_N[ns].mean()) for k, ns in kinds.items()},
-            "groups_with_copies": [sum(n in copies for n in g) for g in groups if copies & set(g)],
-            "group_of_copies_size": [len(g) for g in groups if copies & set(g)],
+            "groups_with_copies": [sum(n in copies for n in g) for g in with_copies],
+            "group_of_copies_size": [len(g) for g in with_copies],
             "group_of_copies_joint_percentile": [round(100 * float((values_N >= v).sum()) / len(values_N), 1)
                                                  for v in joint],
             "group_of_copies_joint_over_median": [round(v / float(np.median(values_N)), 1) for v in joint],
-            "group_of_copies_joint_over_sum": [round(v / float(sum(values_N[n] for g in groups if copies & set(g) for n in g)), 1)
-                                               for v in joint],
+            "group_of_copies_joint_over_sum": [round(v / float(values_N[g].sum()), 1) for v, g in zip(joint, with_copies)],
             "control_joint_over_sum": round(control / float(values_N[drawn].sum()), 2),
             "control_joint_percentile": round(100 * float((values_N >= control).sum()) / len(values_N), 1),
             "control_joint_over_median": round(control / float(np.median(values_N)), 1),
-            "source_in_group": any(corpus.provenance[n][0]["doc"] == source for g in groups if copies & set(g) for n in g),
+            "source_in_group": any(corpus.provenance[n][0]["doc"] == source for g in with_copies for n in g),
             "num_groups": len(groups), "group_sizes": [len(g) for g in groups]}
 
 
